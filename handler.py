@@ -1,0 +1,104 @@
+"""The Runpod serverless worker: `python handler.py`.
+
+Start-up (before the first job): read the settings, find the weights, start
+vLLM's OpenAI server as a supervised child on loopback, wait until it is
+healthy, and only then hand `handler` to the Runpod SDK.
+
+`handler(job)` is an async generator (the SDK streams what it yields and, with
+`return_aggregate_stream`, returns the list of yields from /run and /runsync).
+What it accepts and yields is documented in routes.py and proxy.py. Importing
+this module has no side effects: the proxy is built on first use, from the
+environment, unless `configure` set one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+from proxy import Proxy
+from settings import load
+from startup import Supervision, Upstream, make_proxy, run_startup
+
+log = logging.getLogger("worker")
+_proxy: Proxy | None = None
+
+
+def configure(proxy: Proxy | None) -> Proxy | None:
+    """Use `proxy` for every job from now on."""
+    global _proxy
+    _proxy = proxy
+    return proxy
+
+
+def current_proxy() -> Proxy:
+    """The configured proxy, else one for the vLLM server the environment names."""
+    if _proxy is None:
+        settings = load(os.environ)
+        configure(make_proxy(settings, Upstream(settings.upstream_url,
+                                                settings.served_model_name)))
+    assert _proxy is not None
+    return _proxy
+
+
+async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
+    """Proxy one Runpod job to vLLM and yield its answer (see proxy.py)."""
+    async for item in current_proxy().run(job.get("input"), str(job.get("id", "-"))):
+        yield item
+
+
+def _sdk_jobs_in_progress() -> int:
+    from runpod.serverless.modules.worker_state import JobsProgress
+
+    return JobsProgress().get_job_count()
+
+
+def _unwind_on_sigterm() -> None:
+    """Until the SDK installs its handlers, make SIGTERM raise SystemExit.
+
+    Python's default action would end the worker at once and leave vLLM, in its own
+    session, running; unwinding lets start_upstream (or main's `finally`) stop it.
+    """
+    main_pid = os.getpid()
+
+    def unwind(signum: int, frame: object) -> None:
+        if os.getpid() == main_pid:  # not in the SDK's heartbeat process, forked later
+            log.info("SIGTERM received before serving: stopping vLLM")
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, unwind)
+
+
+def main() -> None:
+    """Start vLLM, then serve jobs through the Runpod SDK until told to stop."""
+    _unwind_on_sigterm()
+    settings, upstream = run_startup()
+    proxy = configure(make_proxy(settings, upstream))
+    supervision = Supervision(upstream, proxy, _sdk_jobs_in_progress,
+                              settings.shutdown_grace_period)
+    supervision.watch()
+    signals_chained = False
+
+    def concurrency_modifier(current: int) -> int:
+        # Called by the SDK inside its loop, after it installed its own signal
+        # handlers: the first call adds the grace-period stop behind them.
+        nonlocal signals_chained
+        if not signals_chained:
+            supervision.chain_signals()
+            signals_chained = True
+        return settings.max_concurrency
+
+    import runpod
+
+    try:
+        runpod.serverless.start({"handler": handler, "return_aggregate_stream": True,
+                                 "concurrency_modifier": concurrency_modifier})
+    finally:
+        upstream.stop(grace=10)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Find the model's weights on disk before vLLM starts.
+
+Order, first hit wins (each place tried is recorded as a step for the log and
+for `test_vllm_command.py`):
+
+1. `MODEL_PATH`, used exactly: it must exist and hold `config.json`.
+2. Folders under `HF_HOME` named after the model: `<name>`, `model-<name>` and
+   `model-<family>` (the name without its size suffix, so `openai/gpt-oss-120b`
+   also finds the original gpt-oss worker's `model-gpt-oss`), compared ignoring case.
+3. The Hugging Face cache (`models--{org}--{name}/snapshots/{hash}`) in each hub
+   folder: the snapshot `refs/main` names, else the newest complete one.
+4. The hub name itself: vLLM downloads it into `HF_HOME`.
+
+A folder is served only when complete: `config.json` plus weights, and every
+shard its safetensors index lists. GGUF is refused with a sentence saying so.
+`locate` is pure apart from reading the file system: no network, no vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.file_download import repo_folder_name
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+GGUF_MESSAGE = (
+    "GGUF weights are not supported by this worker (vLLM serves them only experimentally): "
+    "use the model's original safetensors repository instead")
+_SIZE_SUFFIX = re.compile(r"-\d+(\.\d+)?[bBmM]$")
+
+
+class LocatorError(RuntimeError):
+    """The model cannot be served from what was given; the message says why."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where the weights are: a local folder, or the hub name when nothing local was found."""
+
+    model: str
+    is_local: bool
+    steps: tuple[str, ...] = field(default=())
+
+
+def check_folder(path: Path) -> str | None:
+    """Why `path` cannot be served (None when it can)."""
+    if not path.is_dir():
+        return "it is not a folder"
+    names = os.listdir(path)
+    weights = [n for n in names if n.endswith(WEIGHT_SUFFIXES)]
+    if not weights and any(n.endswith(".gguf") for n in names):
+        return GGUF_MESSAGE
+    if "config.json" not in names:
+        return "it has no config.json"
+    if not weights:
+        return "it has no weight files (*.safetensors or *.bin)"
+    missing = [w for w in weights if not (path / w).exists()]
+    for index in (n for n in names if n.endswith(".index.json")):
+        try:
+            shards = set(json.loads((path / index).read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            return f"its {index} cannot be read"
+        missing += sorted(s for s in shards if not (path / s).exists())
+    if missing:
+        return f"it is incomplete: {', '.join(missing[:3])} missing (download unfinished?)"
+    return None
+
+
+def _find_ignoring_case(parent: Path, names: list[str]) -> list[Path]:
+    """Children of `parent` whose names equal one of `names` ignoring case, in `names` order."""
+    try:
+        children = os.listdir(parent)
+    except OSError:
+        return []
+    by_lower: dict[str, str] = {}
+    for child in sorted(children):
+        by_lower.setdefault(child.lower(), child)
+    return [parent / by_lower[n.lower()] for n in names if n.lower() in by_lower]
+
+
+def _custom_folder_names(model_name: str) -> list[str]:
+    last = model_name.rstrip("/").rsplit("/", 1)[-1]
+    names = [last, f"model-{last}"]
+    family = _SIZE_SUFFIX.sub("", last)
+    if family != last:
+        names.append(f"model-{family}")
+    return names
+
+
+def _snapshots(repo_dir: Path, repo_id: str, hub: Path) -> list[Path]:
+    """Candidate snapshots: the one refs/main names first, then the rest, newest first."""
+    found = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub)
+    first = [Path(found).parent] if isinstance(found, str) else []
+    try:
+        others = sorted((p for p in (repo_dir / "snapshots").iterdir() if p not in first),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        others = []
+    return first + others
+
+
+def _from_cache(model_name: str, hub: Path, steps: list[str]) -> Path | None:
+    wanted = repo_folder_name(repo_id=model_name, repo_type="model")
+    matches = _find_ignoring_case(hub, [wanted])
+    if not matches:
+        steps.append(f"not in the cache {hub}: no {wanted}")
+        return None
+    repo_dir = matches[0]
+    repo_id = repo_dir.name.removeprefix("models--").replace("--", "/")
+    snapshots = _snapshots(repo_dir, repo_id, hub)
+    if not snapshots:
+        steps.append(f"not in the cache {repo_dir}: it has no snapshots")
+    for snapshot in snapshots:
+        reason = check_folder(snapshot)
+        if reason is None:
+            steps.append(f"Found model in the cache: {snapshot}")
+            return snapshot
+        if reason == GGUF_MESSAGE:
+            raise LocatorError(f"{snapshot}: {GGUF_MESSAGE}.")
+        steps.append(f"skipped snapshot {snapshot}: {reason}")
+    return None
+
+
+def locate(model_name: str, model_path: str | None, hf_home: str,
+           hub_caches: tuple[str, ...]) -> Location:
+    """Apply the search order in the module docstring; raise `LocatorError` for what cannot work."""
+    steps: list[str] = []
+    if model_path or model_name.startswith("/"):
+        variable, value = ("MODEL_PATH", model_path) if model_path else ("MODEL_NAME", model_name)
+        path = Path(value)
+        if path.suffix.lower() == ".gguf":
+            raise LocatorError(f"{variable}={value}: {GGUF_MESSAGE}.")
+        if not path.exists():
+            raise LocatorError(f"{variable}={value} does not exist.")
+        reason = check_folder(path)
+        if reason is not None:
+            raise LocatorError(f"{variable}={value} cannot be served: {reason}.")
+        steps.append(f"Found model in {variable}: {path}")
+        return Location(str(path), True, tuple(steps))
+    if model_name.lower().endswith((".gguf", "-gguf")):
+        raise LocatorError(f"MODEL_NAME={model_name}: {GGUF_MESSAGE}.")
+    names = _custom_folder_names(model_name)
+    folders = _find_ignoring_case(Path(hf_home), names)
+    if not folders:
+        steps.append(f"not in {hf_home}: no folder named {', '.join(names)}")
+    for folder in folders:
+        reason = check_folder(folder)
+        if reason is None:
+            steps.append(f"Found model in {folder}")
+            return Location(str(folder), True, tuple(steps))
+        if reason == GGUF_MESSAGE:
+            raise LocatorError(f"{folder}: {GGUF_MESSAGE}.")
+        steps.append(f"skipped {folder}: {reason}")
+    for hub in hub_caches:
+        found = _from_cache(model_name, Path(hub), steps)
+        if found is not None:
+            return Location(str(found), True, tuple(steps))
+    steps.append(f"not found on disk: vLLM will download {model_name} into {hf_home}")
+    return Location(model_name, False, tuple(steps))
+
+
+def link_for_vllm(target: str, hf_home: str) -> str:
+    """A stable path to give vLLM instead of a cache path it could mistake for a repo id.
+
+    `{HF_HOME}/model` becomes a symlink to `target`; when HF_HOME is read-only (or
+    already holds a real `model` folder that is not the target) a private temp
+    folder is used instead.
+    """
+    link = Path(hf_home) / "model"
+    if link.resolve() == Path(target).resolve():
+        return str(link) if link.is_symlink() else target
+    if not (link.exists() and not link.is_symlink()):
+        try:
+            return _replace_symlink(link, target)
+        except OSError:
+            pass
+    return _replace_symlink(Path(tempfile.mkdtemp(prefix="vllm-model-")) / "model", target)
+
+
+def _replace_symlink(link: Path, target: str) -> str:
+    """Point `link` at `target` atomically, so a concurrent reader never sees it missing."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    staging = link.with_name(f".{link.name}.{os.getpid()}")
+    staging.unlink(missing_ok=True)
+    os.symlink(os.path.abspath(target), staging)
+    os.replace(staging, link)
+    return str(link)

@@ -1,0 +1,137 @@
+"""Relay an SSE byte stream as few, whole-event strings, without adding latency.
+
+Invariants (tests hold us to each):
+- every yielded string is a run of whole SSE events, cut only after a blank
+  line, so no event and no UTF-8 character is ever split;
+- the concatenation of all yields is the upstream body, byte for byte;
+- the first event is yielded the moment it arrives;
+- after that, whatever arrives while the consumer (the platform's stream POST)
+  is busy is coalesced into the next yield, and yields are at most one per
+  `flush_interval`: an event waits at most the consumer's own time plus that
+  interval, and a stream of duration D costs at most D / interval + 2 yields;
+- the worker-vllm batch knobs (`min_batch_size`, growing by
+  `batch_size_growth_factor` up to `max_batch_size`) keep their meaning for
+  those who set them: once that many events are waiting they go out without
+  waiting for the interval.
+
+A reader task keeps pulling bytes from vLLM while the consumer is busy, so a
+slow consumer never slows the generation, and TCP chunk boundaries never matter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+_BOUNDARIES = (b"\n\n", b"\r\n\r\n", b"\r\r")
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """How often to yield: an interval, and optionally worker-vllm's growing batch sizes."""
+
+    flush_interval: float = 0.05
+    min_batch_size: int | None = None
+    max_batch_size: int | None = None
+    growth_factor: float = 3.0
+
+    def first_target(self) -> int | None:
+        if self.min_batch_size is None and self.max_batch_size is None:
+            return None
+        return min(self.min_batch_size or 1, self.max_batch_size or 1 << 30)
+
+    def next_target(self, target: int | None) -> int | None:
+        if target is None or self.growth_factor <= 1:
+            return target
+        grown = max(target + 1, int(target * self.growth_factor))
+        return min(grown, self.max_batch_size or 1 << 30)
+
+
+def event_end(buffer: bytes | bytearray) -> int:
+    """Index just past the last complete SSE event in `buffer` (0 when there is none)."""
+    end = 0
+    for boundary in _BOUNDARIES:
+        found = buffer.rfind(boundary)
+        if found >= 0:
+            end = max(end, found + len(boundary))
+    return end
+
+
+def _count_events(buffer: bytearray) -> int:
+    return buffer.count(b"\n\n") or (1 if event_end(buffer) else 0)
+
+
+class StreamRelay:
+    """Coalesces the chunks of one upstream stream; iterate it with `async for`.
+
+    After iteration, `error` holds the exception that ended the upstream read
+    early (None on a clean end), and `leftover` the bytes of an unfinished event.
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes], pacing: Pacing) -> None:
+        self._chunks = chunks
+        self._pacing = pacing
+        self._buffer = bytearray()
+        self._arrived = asyncio.Event()
+        self._finished = asyncio.Event()
+        self.error: BaseException | None = None
+        self.leftover = b""
+
+    async def _pump(self) -> None:
+        try:
+            async for chunk in self._chunks:
+                self._buffer += chunk
+                self._arrived.set()
+        except Exception as exc:  # handed to the consumer, which reports it
+            self.error = exc
+        finally:
+            self._finished.set()
+            self._arrived.set()
+
+    async def _pace(self, deadline: float, target: int | None) -> None:
+        """Wait until the flush interval is over, the stream ends, or a batch fills."""
+        loop = asyncio.get_running_loop()
+        while not self._finished.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            ready = target is not None and _count_events(self._buffer) >= target
+            if ready:
+                return
+            waiter = self._arrived if target is not None else self._finished
+            waiter.clear()
+            try:
+                await asyncio.wait_for(waiter.wait(), remaining)
+            except TimeoutError:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.create_task(self._pump())
+        target = self._pacing.first_target()
+        last_yield: float | None = None
+        try:
+            while True:
+                await self._arrived.wait()
+                self._arrived.clear()
+                end = event_end(self._buffer)
+                if end == 0 and not self._finished.is_set():
+                    continue
+                if last_yield is not None:
+                    await self._pace(last_yield + self._pacing.flush_interval, target)
+                    end = event_end(self._buffer)
+                if end:
+                    text = self._buffer[:end].decode("utf-8", errors="replace")
+                    del self._buffer[:end]
+                    yield text
+                    last_yield = loop.time()
+                    target = self._pacing.next_target(target)
+                if self._finished.is_set() and event_end(self._buffer) == 0:
+                    self.leftover = bytes(self._buffer)
+                    return
+                if self._buffer and event_end(self._buffer):
+                    self._arrived.set()
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)

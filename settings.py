@@ -1,0 +1,208 @@
+"""Every setting the worker reads, validated in one pass.
+
+`load(env)` is the only place that looks at environment variables: it takes a
+mapping (tests pass plain dicts), applies the defaults below, and raises
+`SettingsError` with a sentence naming the variable when a value is invalid,
+before anything is spawned. Unset optional vLLM settings stay `None` so that
+vLLM's own defaults apply.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+DEFAULT_MODEL_NAME = "openai/gpt-oss-120b"
+RUNPOD_MODEL_CACHE = "/runpod-volume/huggingface-cache/hub"
+
+# Name -> default, as documented in the README's settings table (a test checks both agree).
+DEFAULTS: dict[str, str] = {
+    "MODEL_NAME": DEFAULT_MODEL_NAME,
+    "HF_HOME": "/runpod-volume/huggingface",
+    "GPU_MEMORY_UTILIZATION": "0.95",
+    "MAX_MODEL_LEN": "8192",
+    "DTYPE": "bfloat16",
+    "VLLM_PORT": "8000",
+    "USE_VLLM_SERVE": "false",
+    "VLLM_PYTHON": "python3",
+    "MAX_CONCURRENCY": "30",
+    "VLLM_STARTUP_TIMEOUT": "1800",
+    "REQUEST_TIMEOUT": "600",
+    "STREAM_FLUSH_INTERVAL": "0.05",
+    "DEFAULT_MAX_TOKENS": "512",
+    "SHUTDOWN_GRACE_PERIOD": "30",
+    "LOCAL_MAX_BODY_MB": "20",
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+# Variables whose values must never be logged or returned.
+_SECRET_NAME = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)", re.IGNORECASE)
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message names the variable and the accepted values."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_name: str
+    model_name_is_default: bool
+    model_path: str | None
+    hf_home: str
+    hub_caches: tuple[str, ...]
+    served_model_name_override: str | None
+    gpu_memory_utilization: float
+    max_model_len: int
+    dtype: str
+    vllm_port: int
+    use_vllm_serve: bool
+    vllm_python: str
+    tensor_parallel_size: int | None
+    enable_auto_tool_choice: bool | None
+    tool_call_parser: str | None
+    reasoning_parser: str | None
+    vllm_extra_args: tuple[str, ...]
+    vllm_base_url: str | None
+    max_concurrency: int
+    startup_timeout: float
+    request_timeout: float
+    stream_flush_interval: float
+    default_max_tokens: int
+    min_batch_size: int | None
+    max_batch_size: int | None
+    batch_size_growth_factor: float | None
+    shutdown_grace_period: float
+    local_api_key: str | None
+    local_max_body_bytes: int
+    secrets: tuple[str, ...]
+
+    @property
+    def served_model_name(self) -> str:
+        """The name clients send as `model`: the override, else the name the model was asked by."""
+        if self.served_model_name_override:
+            return self.served_model_name_override
+        if self.model_path and self.model_name_is_default:
+            return self.model_path.rstrip("/").rsplit("/", 1)[-1]
+        return self.model_name
+
+    @property
+    def upstream_url(self) -> str:
+        """Where vLLM answers: the external server, else the child on loopback."""
+        return (self.vllm_base_url or f"http://127.0.0.1:{self.vllm_port}").rstrip("/")
+
+
+def _value(env: Mapping[str, str], name: str) -> str | None:
+    """The variable's value, with empty strings treated as unset."""
+    raw = env.get(name, DEFAULTS.get(name))
+    if raw is None or raw.strip() == "":
+        return DEFAULTS.get(name)
+    return raw.strip()
+
+
+def _number(env: Mapping[str, str], name: str, cast: Callable[[str], T], rule: str,
+            ok: Callable[[T], bool]) -> T | None:
+    raw = _value(env, name)
+    if raw is None:
+        return None
+    try:
+        value = cast(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not valid: it must be {rule}.") from None
+    if not ok(value):
+        raise SettingsError(f"{name}={raw!r} is not valid: it must be {rule}.")
+    return value
+
+
+def _positive_int(env: Mapping[str, str], name: str) -> int | None:
+    return _number(env, name, int, "a whole number above 0", lambda v: v > 0)
+
+
+def _positive_float(env: Mapping[str, str], name: str) -> float | None:
+    return _number(env, name, float, "a number of seconds above 0", lambda v: 0 < v < float("inf"))
+
+
+def _bool(env: Mapping[str, str], name: str) -> bool | None:
+    raw = _value(env, name)
+    if raw is None:
+        return None
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise SettingsError(f"{name}={raw!r} is not valid: it must be true or false.")
+
+
+def secret_values(env: Mapping[str, str]) -> tuple[str, ...]:
+    """Values of every variable that looks like a secret (HF_TOKEN, *_KEY, ...), longest first."""
+    found = {v for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= 4}
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def load(env: Mapping[str, str]) -> Settings:
+    """Read and validate every setting; raise `SettingsError` on the first invalid one."""
+    utilization = _number(env, "GPU_MEMORY_UTILIZATION", float, "a fraction in (0, 1]",
+                          lambda v: 0 < v <= 1)
+    port = _number(env, "VLLM_PORT", int, "a TCP port between 1 and 65535",
+                   lambda v: 0 < v < 65536)
+    growth = _number(env, "DEFAULT_BATCH_SIZE_GROWTH_FACTOR", float, "a number of at least 1",
+                     lambda v: 1 <= v < float("inf"))
+    tool_choice = _bool(env, "ENABLE_AUTO_TOOL_CHOICE")
+    tool_parser = _value(env, "TOOL_CALL_PARSER")
+    if tool_choice and not tool_parser:
+        raise SettingsError(
+            "ENABLE_AUTO_TOOL_CHOICE=true needs TOOL_CALL_PARSER too (e.g. hermes, openai, "
+            "llama3_json): vLLM cannot parse tool calls without it.")
+    extra = _value(env, "VLLM_EXTRA_ARGS") or ""
+    try:
+        extra_args = tuple(shlex.split(extra))
+    except ValueError as exc:
+        raise SettingsError(f"VLLM_EXTRA_ARGS cannot be split into arguments: {exc}.") from None
+    base_url = _value(env, "VLLM_BASE_URL")
+    if base_url and not re.match(r"^https?://[^/\s]+", base_url):
+        raise SettingsError(f"VLLM_BASE_URL={base_url!r} is not valid: it must be an http(s) URL.")
+    caches = [env.get("HF_HUB_CACHE"), env.get("HUGGINGFACE_HUB_CACHE")]
+    hf_home = _value(env, "HF_HOME") or DEFAULTS["HF_HOME"]
+    hub_caches = [f"{hf_home.rstrip('/')}/hub", *[c for c in caches if c], RUNPOD_MODEL_CACHE]
+    return Settings(
+        model_name=_value(env, "MODEL_NAME") or DEFAULT_MODEL_NAME,
+        model_name_is_default=not (env.get("MODEL_NAME") or "").strip(),
+        model_path=_value(env, "MODEL_PATH"),
+        hf_home=hf_home,
+        hub_caches=tuple(dict.fromkeys(hub_caches)),
+        served_model_name_override=_value(env, "OPENAI_SERVED_MODEL_NAME_OVERRIDE"),
+        gpu_memory_utilization=utilization,
+        max_model_len=_positive_int(env, "MAX_MODEL_LEN"),
+        dtype=_value(env, "DTYPE"),
+        vllm_port=port,
+        use_vllm_serve=bool(_bool(env, "USE_VLLM_SERVE")),
+        vllm_python=_value(env, "VLLM_PYTHON"),
+        tensor_parallel_size=_positive_int(env, "TENSOR_PARALLEL_SIZE"),
+        enable_auto_tool_choice=tool_choice,
+        tool_call_parser=tool_parser,
+        reasoning_parser=_value(env, "REASONING_PARSER"),
+        vllm_extra_args=extra_args,
+        vllm_base_url=base_url,
+        max_concurrency=_positive_int(env, "MAX_CONCURRENCY"),
+        startup_timeout=_positive_float(env, "VLLM_STARTUP_TIMEOUT"),
+        request_timeout=_positive_float(env, "REQUEST_TIMEOUT"),
+        stream_flush_interval=_number(env, "STREAM_FLUSH_INTERVAL", float,
+                                      "a number of seconds from 0 to 0.1",
+                                      lambda v: 0 <= v <= 0.1),
+        default_max_tokens=_positive_int(env, "DEFAULT_MAX_TOKENS"),
+        min_batch_size=_positive_int(env, "DEFAULT_MIN_BATCH_SIZE"),
+        max_batch_size=_positive_int(env, "DEFAULT_BATCH_SIZE"),
+        batch_size_growth_factor=growth,
+        shutdown_grace_period=_number(env, "SHUTDOWN_GRACE_PERIOD", float,
+                                      "a number of seconds of at least 0",
+                                      lambda v: 0 <= v < float("inf")),
+        local_api_key=_value(env, "LOCAL_API_KEY"),
+        local_max_body_bytes=int(_number(env, "LOCAL_MAX_BODY_MB", float, "a number of MB above 0",
+                                         lambda v: 0 < v <= 1024) * (1 << 20)),
+        secrets=secret_values(env),
+    )

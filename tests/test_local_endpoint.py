@@ -1,0 +1,279 @@
+"""The local endpoint over real HTTP, in front of the real handler and a fake vLLM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from pytest_httpserver import HTTPServer
+from werkzeug import Response
+
+import handler
+from local_endpoint import Jobs, build_app
+from proxy import Proxy
+from relay import Pacing
+from support import SERVED
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Endpoint:
+    """A local endpoint served by uvicorn in a thread; `url` is its /v2/<id> base."""
+
+    def __init__(self, fake_vllm: HTTPServer, max_concurrency: int = 4,
+                 api_key: str | None = None, max_body: int = 1 << 20) -> None:
+        self.proxy = Proxy(fake_vllm.url_for("/").rstrip("/"), SERVED, request_timeout=5,
+                           pacing=Pacing(0))
+        self.jobs: Jobs | None = None
+        self.max_concurrency, self.api_key, self.max_body = max_concurrency, api_key, max_body
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}/v2/ep1"
+        self.server = uvicorn.Server(uvicorn.Config(self._app, host="127.0.0.1", port=port,
+                                                    log_level="warning", interface="asgi3"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    async def _app(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.jobs is None:  # made inside the server's loop
+            self.jobs = Jobs(handler.handler, self.max_concurrency)
+            self.asgi = build_app(self.jobs, self.api_key, self.max_body, self.proxy.aclose)
+        await self.asgi(scope, receive, send)
+
+    def __enter__(self) -> Endpoint:
+        handler.configure(self.proxy)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the endpoint did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        handler.configure(None)
+
+
+@pytest.fixture
+def endpoint(fake_vllm: HTTPServer) -> Iterator[Endpoint]:
+    with Endpoint(fake_vllm) as running:
+        yield running
+
+
+def until(condition: Callable[[], bool], seconds: float = 5) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+CHAT = {"object": "chat.completion", "choices": [{"message": {"content": "hi"}}]}
+
+
+def test_runsync_returns_the_output_list(fake_vllm: HTTPServer, endpoint: Endpoint) -> None:
+    fake_vllm.expect_request("/v1/chat/completions").respond_with_json(CHAT)
+    answer = httpx.post(f"{endpoint.url}/runsync", json={"input": {"messages": []}}).json()
+    assert answer["status"] == "COMPLETED" and answer["output"] == [CHAT]
+    assert answer["id"].startswith("local-") and "executionTime" in answer
+
+
+def test_a_failed_job_carries_the_error_contract(endpoint: Endpoint) -> None:
+    answer = httpx.post(f"{endpoint.url}/runsync",
+                        json={"input": {"openai_route": "/sleep", "openai_input": {}}}).json()
+    assert answer["status"] == "FAILED"
+    assert json.loads(answer["error"])["error"]["code"] == 400
+
+
+def test_run_then_stream_then_status(fake_vllm: HTTPServer, endpoint: Endpoint) -> None:
+    release = threading.Event()
+    events = [f"data: {i}\n\n".encode() for i in range(6)]
+
+    def paced() -> Iterator[bytes]:
+        yield from events[:3]
+        release.wait(5)
+        yield from events[3:]
+
+    fake_vllm.expect_request("/v1/chat/completions").respond_with_response(
+        Response(paced(), content_type="text/event-stream"))
+    job = httpx.post(f"{endpoint.url}/run", json={"input": {"messages": [], "stream": True}}
+                     ).json()
+    assert job["status"] == "IN_QUEUE"
+    seen: list[str] = []
+    first = httpx.get(f"{endpoint.url}/stream/{job['id']}").json()
+    assert first["status"] == "IN_PROGRESS"
+    seen += [part["output"] for part in first["stream"]]
+    release.set()
+    while True:
+        poll = httpx.post(f"{endpoint.url}/stream/{job['id']}").json()
+        seen += [part["output"] for part in poll["stream"]]
+        if poll["status"] == "COMPLETED":
+            break
+    assert "".join(seen).encode() == b"".join(events)
+    status = httpx.get(f"{endpoint.url}/status/{job['id']}").json()
+    assert status["status"] == "COMPLETED" and "".join(status["output"]) == "".join(seen)
+
+
+def test_cancel_stops_the_handler_and_the_vllm_request(
+        fake_vllm: HTTPServer, endpoint: Endpoint) -> None:
+    closed = threading.Event()
+
+    def endless() -> Iterator[bytes]:
+        try:
+            while True:
+                yield b"data: {}\n\n"
+                time.sleep(0.01)
+        finally:
+            closed.set()
+
+    fake_vllm.expect_request("/v1/chat/completions").respond_with_response(
+        Response(endless(), content_type="text/event-stream"))
+    job = httpx.post(f"{endpoint.url}/run", json={"input": {"messages": [], "stream": True}}
+                     ).json()
+    until(lambda: httpx.get(f"{endpoint.url}/status/{job['id']}").json()["status"]
+          == "IN_PROGRESS")
+    answer = httpx.post(f"{endpoint.url}/cancel/{job['id']}").json()
+    assert answer == {"id": job["id"], "status": "CANCELLED"}
+    assert closed.wait(1)
+
+
+def test_unknown_jobs_are_404(endpoint: Endpoint) -> None:
+    answer = httpx.get(f"{endpoint.url}/status/nope")
+    assert answer.status_code == 404 and "nope" in answer.json()["error"]["message"]
+
+
+def test_openai_path_streams_sse_with_the_right_content_type(
+        fake_vllm: HTTPServer, endpoint: Endpoint) -> None:
+    body = b"data: {\"a\": 1}\n\ndata: [DONE]\n\n"
+    fake_vllm.expect_request("/v1/chat/completions").respond_with_response(
+        Response([body], content_type="text/event-stream"))
+    with httpx.stream("POST", f"{endpoint.url}/openai/v1/chat/completions",
+                      json={"messages": [], "stream": True}) as answer:
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        assert answer.read() == body
+    sent = json.loads(fake_vllm.log[0][0].data)
+    assert sent == {"model": SERVED, "messages": [], "stream": True}
+
+
+def test_openai_path_get_models_and_json_answers(fake_vllm: HTTPServer, endpoint: Endpoint) -> None:
+    models = {"object": "list", "data": [{"id": SERVED}]}
+    fake_vllm.expect_request("/v1/models", method="GET").respond_with_json(models)
+    answer = httpx.get(f"{endpoint.url}/openai/v1/models")
+    assert answer.status_code == 200 and answer.json() == models
+
+
+def test_openai_path_failures_keep_status_and_body(
+        fake_vllm: HTTPServer, endpoint: Endpoint) -> None:
+    error = {"error": {"message": "The model `x` does not exist.", "type": "NotFoundError",
+                       "param": "model", "code": 404}}
+    fake_vllm.expect_request("/v1/chat/completions").respond_with_json(error, status=404)
+    answer = httpx.post(f"{endpoint.url}/openai/v1/chat/completions",
+                        json={"model": "x", "messages": [], "stream": True})
+    assert answer.status_code == 404 and answer.json() == error
+    refused = httpx.post(f"{endpoint.url}/openai/v1/load_lora_adapter", json={})
+    assert refused.status_code == 400 and "allowed routes" in refused.json()["error"]["message"]
+
+
+def test_a_client_that_disconnects_cancels_its_job(
+        fake_vllm: HTTPServer, endpoint: Endpoint) -> None:
+    closed = threading.Event()
+
+    def endless() -> Iterator[bytes]:
+        try:
+            while True:
+                yield b"data: {}\n\n"
+                time.sleep(0.01)
+        finally:
+            closed.set()
+
+    fake_vllm.expect_request("/v1/chat/completions").respond_with_response(
+        Response(endless(), content_type="text/event-stream"))
+    with httpx.stream("POST", f"{endpoint.url}/openai/v1/chat/completions",
+                      json={"messages": [], "stream": True}) as answer:
+        next(answer.iter_bytes())
+    assert closed.wait(1), "vLLM kept generating for a client that left"
+    assert endpoint.jobs is not None
+    until(lambda: endpoint.jobs is not None and endpoint.jobs.unfinished() == 0)
+
+
+def test_max_concurrency_queues_extra_jobs(fake_vllm: HTTPServer) -> None:
+    release = threading.Event()
+    running = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    def slow(request: Any) -> Response:
+        with lock:
+            running["now"] += 1
+            running["most"] = max(running["most"], running["now"])
+        release.wait(5)
+        with lock:
+            running["now"] -= 1
+        return Response(json.dumps(CHAT), content_type="application/json")
+
+    fake_vllm.expect_request("/v1/chat/completions").respond_with_handler(slow)
+    with Endpoint(fake_vllm, max_concurrency=2) as endpoint:
+        ids = [httpx.post(f"{endpoint.url}/run", json={"input": {"messages": []}}).json()["id"]
+               for _ in range(5)]
+        until(lambda: running["now"] == 2)
+        health = httpx.get(f"{endpoint.url}/health").json()
+        assert health["jobs"]["inProgress"] == 2 and health["jobs"]["inQueue"] == 3
+        release.set()
+        until(lambda: all(httpx.get(f"{endpoint.url}/status/{i}").json()["status"] == "COMPLETED"
+                          for i in ids))
+    assert running["most"] == 2
+
+
+def test_an_api_key_guards_every_route(fake_vllm: HTTPServer) -> None:
+    fake_vllm.expect_request("/v1/models").respond_with_json({"data": []})
+    with Endpoint(fake_vllm, api_key="s3cret-key") as endpoint:
+        for method, path in [("GET", "/health"), ("POST", "/runsync"), ("GET", "/openai/v1/models"),
+                             ("GET", "/status/x")]:
+            assert httpx.request(method, endpoint.url + path).status_code == 401
+            wrong = {"Authorization": "Bearer s3cret-kez"}
+            assert httpx.request(method, endpoint.url + path, headers=wrong).status_code == 401
+        right = {"Authorization": "Bearer s3cret-key"}
+        assert httpx.get(f"{endpoint.url}/openai/v1/models", headers=right).status_code == 200
+        assert "s3cret-key" not in httpx.get(f"{endpoint.url}/health").text
+
+
+def test_bodies_over_the_limit_are_refused_with_413(fake_vllm: HTTPServer) -> None:
+    with Endpoint(fake_vllm, max_body=1000) as endpoint:
+        big = {"input": {"messages": [{"role": "user", "content": "x" * 2000}]}}
+        answer = httpx.post(f"{endpoint.url}/runsync", json=big)
+        assert answer.status_code == 413 and "1000 bytes" in answer.json()["error"]["message"]
+    assert fake_vllm.log == []
+
+
+@pytest.mark.parametrize(("body", "words"), [(b"{not json", "not valid JSON"),
+                                             (b'{"inputs": {}}', '{"input": {...}}')])
+def test_malformed_requests_get_400(endpoint: Endpoint, body: bytes, words: str) -> None:
+    answer = httpx.post(f"{endpoint.url}/runsync", content=body)
+    assert answer.status_code == 400 and words in answer.json()["error"]["message"]
+
+
+def test_jobs_run_the_handler_the_way_the_sdk_does() -> None:
+    """An `error` yield fails the job even after output; other yields are the output list."""
+
+    async def scripted(job: dict[str, Any]) -> Any:
+        yield "a"
+        yield {"error": "boom"}
+        yield "never"
+
+    async def scenario() -> tuple[str, list[Any], str | None]:
+        jobs = Jobs(scripted, 1)
+        job = jobs.submit({}, "/run")
+        await job.wait(lambda: job.done)
+        return job.status, job.items, job.error
+
+    assert asyncio.run(scenario()) == ("FAILED", ["a"], "boom")

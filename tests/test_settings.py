@@ -1,0 +1,78 @@
+"""Settings: defaults, validation that names the variable, secrets collected for masking."""
+
+from __future__ import annotations
+
+import pytest
+
+from settings import DEFAULTS, SettingsError, load
+
+
+def test_defaults_match_the_documented_table() -> None:
+    settings = load({})
+    assert settings.model_name == DEFAULTS["MODEL_NAME"] == "openai/gpt-oss-120b"
+    assert settings.hf_home == "/runpod-volume/huggingface"
+    assert settings.gpu_memory_utilization == 0.95
+    assert settings.max_model_len == 8192
+    assert settings.dtype == "bfloat16"
+    assert settings.vllm_port == 8000
+    assert settings.use_vllm_serve is False
+    assert settings.tensor_parallel_size is None
+    assert settings.enable_auto_tool_choice is None and settings.tool_call_parser is None
+    assert settings.upstream_url == "http://127.0.0.1:8000"
+    assert settings.hub_caches == ("/runpod-volume/huggingface/hub",
+                                   "/runpod-volume/huggingface-cache/hub")
+
+
+def test_empty_values_count_as_unset() -> None:
+    assert load({"MAX_MODEL_LEN": "", "MODEL_NAME": "  "}).max_model_len == 8192
+    assert load({"MODEL_NAME": ""}).model_name == "openai/gpt-oss-120b"
+
+
+@pytest.mark.parametrize(("env", "words"), [
+    ({"GPU_MEMORY_UTILIZATION": "1.5"}, "GPU_MEMORY_UTILIZATION='1.5' is not valid"),
+    ({"GPU_MEMORY_UTILIZATION": "0"}, "a fraction in (0, 1]"),
+    ({"GPU_MEMORY_UTILIZATION": "lots"}, "GPU_MEMORY_UTILIZATION"),
+    ({"MAX_MODEL_LEN": "8k"}, "MAX_MODEL_LEN='8k' is not valid: it must be a whole number"),
+    ({"VLLM_PORT": "70000"}, "VLLM_PORT"),
+    ({"MAX_CONCURRENCY": "0"}, "MAX_CONCURRENCY"),
+    ({"TENSOR_PARALLEL_SIZE": "-2"}, "TENSOR_PARALLEL_SIZE"),
+    ({"VLLM_STARTUP_TIMEOUT": "soon"}, "VLLM_STARTUP_TIMEOUT"),
+    ({"REQUEST_TIMEOUT": "inf"}, "REQUEST_TIMEOUT"),
+    ({"USE_VLLM_SERVE": "maybe"}, "USE_VLLM_SERVE='maybe' is not valid: it must be true or false"),
+    ({"STREAM_FLUSH_INTERVAL": "0.5"}, "STREAM_FLUSH_INTERVAL"),
+    ({"DEFAULT_BATCH_SIZE_GROWTH_FACTOR": "0.5"}, "DEFAULT_BATCH_SIZE_GROWTH_FACTOR"),
+    ({"ENABLE_AUTO_TOOL_CHOICE": "true"}, "needs TOOL_CALL_PARSER"),
+    ({"VLLM_EXTRA_ARGS": "--x 'unclosed"}, "VLLM_EXTRA_ARGS cannot be split"),
+    ({"VLLM_BASE_URL": "localhost:8000"}, "VLLM_BASE_URL"),
+])
+def test_invalid_values_fail_with_a_sentence_naming_the_variable(
+        env: dict[str, str], words: str) -> None:
+    with pytest.raises(SettingsError) as failure:
+        load(env)
+    assert words in str(failure.value)
+
+
+def test_values_are_parsed() -> None:
+    settings = load({"USE_VLLM_SERVE": "YES", "ENABLE_AUTO_TOOL_CHOICE": "1",
+                     "TOOL_CALL_PARSER": "hermes", "VLLM_EXTRA_ARGS": "--seed 1 --x 'a b'",
+                     "TENSOR_PARALLEL_SIZE": "2", "HF_HUB_CACHE": "/cache/hub",
+                     "VLLM_BASE_URL": "http://10.0.0.2:9000/"})
+    assert settings.use_vllm_serve is True and settings.enable_auto_tool_choice is True
+    assert settings.vllm_extra_args == ("--seed", "1", "--x", "a b")
+    assert settings.tensor_parallel_size == 2
+    assert "/cache/hub" in settings.hub_caches
+    assert settings.upstream_url == "http://10.0.0.2:9000"
+
+
+def test_served_name_is_the_override_else_the_model_name() -> None:
+    assert load({"MODEL_NAME": "Qwen/Qwen3-8B"}).served_model_name == "Qwen/Qwen3-8B"
+    assert load({"MODEL_NAME": "Qwen/Qwen3-8B", "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "qwen"}
+                ).served_model_name == "qwen"
+    assert load({"MODEL_PATH": "/models/my-llama/"}).served_model_name == "my-llama"
+    assert load({"MODEL_PATH": "/models/x", "MODEL_NAME": "org/x"}).served_model_name == "org/x"
+
+
+def test_secret_values_are_collected_for_masking() -> None:
+    settings = load({"HF_TOKEN": "hf_abcdefgh", "MY_API_KEY": "sk-123456", "PATH": "/bin",
+                     "SHORT_TOKEN": "ab"})
+    assert set(settings.secrets) == {"hf_abcdefgh", "sk-123456"}

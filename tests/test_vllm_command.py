@@ -1,0 +1,61 @@
+"""The vLLM command line: both launch forms, the flags from settings, secrets masked."""
+
+from __future__ import annotations
+
+from settings import load
+from vllm_command import build_command, count_gpus, mask_argv, show
+
+
+def test_legacy_form_runs_the_api_server_module_with_vllm_python() -> None:
+    argv = build_command(load({"VLLM_PYTHON": "/opt/vllm/bin/python"}), "/hf/model", 1)
+    assert argv[:5] == ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server",
+                        "--model", "/hf/model"]
+    flags = dict(zip(argv[5::2], argv[6::2], strict=False))
+    assert flags == {"--host": "127.0.0.1", "--port": "8000",
+                     "--served-model-name": "openai/gpt-oss-120b",
+                     "--gpu-memory-utilization": "0.95", "--max-model-len": "8192",
+                     "--dtype": "bfloat16"}
+
+
+def test_serve_form_and_optional_flags() -> None:
+    settings = load({"USE_VLLM_SERVE": "true", "ENABLE_AUTO_TOOL_CHOICE": "true",
+                     "TOOL_CALL_PARSER": "openai", "REASONING_PARSER": "openai_gptoss",
+                     "VLLM_EXTRA_ARGS": "--max-num-seqs 64 --enforce-eager",
+                     "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "gpt-oss"})
+    argv = build_command(settings, "/hf/model", 4)
+    assert argv[:3] == ["vllm", "serve", "/hf/model"]
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "4"
+    assert "--enable-auto-tool-choice" in argv
+    assert argv[argv.index("--tool-call-parser") + 1] == "openai"
+    assert argv[argv.index("--reasoning-parser") + 1] == "openai_gptoss"
+    assert argv[argv.index("--served-model-name") + 1] == "gpt-oss"
+    assert argv[-3:] == ["--max-num-seqs", "64", "--enforce-eager"]
+
+
+def test_tensor_parallel_defaults_to_every_visible_gpu_and_can_be_set() -> None:
+    assert "--tensor-parallel-size" not in build_command(load({}), "m", 1)
+    assert "--tensor-parallel-size" not in build_command(load({}), "m", 0)
+    argv = build_command(load({"TENSOR_PARALLEL_SIZE": "2"}), "m", 8)
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+
+
+def test_gpus_are_counted_from_cuda_visible_devices() -> None:
+    assert count_gpus({"CUDA_VISIBLE_DEVICES": "0,1,3"}) == 3
+    assert count_gpus({"CUDA_VISIBLE_DEVICES": ""}) == 0
+    assert count_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == 0
+
+
+def test_no_secret_is_ever_put_on_the_command_line() -> None:
+    env = {"HF_TOKEN": "hf_secretvalue", "MODEL_NAME": "meta-llama/Llama-3.1-8B-Instruct"}
+    assert "hf_secretvalue" not in " ".join(build_command(load(env), "m", 1))
+
+
+def test_secrets_in_extra_args_are_masked_when_shown() -> None:
+    settings = load({"VLLM_EXTRA_ARGS": "--api-key sk-live-1234 --hf-token=hf_abcdef --seed 3",
+                     "OTHER_SECRET": "topsecret99"})
+    argv = build_command(settings, "m", 1) + ["--note", "uses topsecret99"]
+    shown = show(argv, settings.secrets)
+    assert "sk-live-1234" not in shown and "hf_abcdef" not in shown
+    assert "topsecret99" not in shown
+    assert "--api-key '***'" in shown and "'--hf-token=***'" in shown and "--seed 3" in shown
+    assert mask_argv(["--api-key"]) == ["--api-key"]
