@@ -4,9 +4,9 @@ the local endpoint in front of a real vLLM for the end-to-end tests."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ from pytest_httpserver import HTTPServer
 import handler
 from proxy import Proxy
 from relay import Pacing
+from supervisor import group_members
 from support import SERVED
 
 
@@ -76,40 +77,40 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def real_endpoint_env(tmp: Path, vllm_port: int) -> dict[str, str]:
-    vllm_python = os.environ.get("VLLM_PYTHON", str(REPO / ".venv-vllm" / "bin" / "python"))
-    model = os.environ.get("TINY_MODEL_PATH", str(REPO / ".models" / "tiny-chat"))
-    missing = [p for p in (vllm_python, f"{model}/config.json") if not Path(p).exists()]
-    if missing:
-        pytest.fail(f"The end-to-end tests need vLLM's CPU build and the tiny model, missing: "
-                    f"{missing}. `make test` sets both up.")
-    return {**os.environ, "MODEL_PATH": model, "VLLM_PYTHON": vllm_python,
-            "VLLM_PORT": str(vllm_port), "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1",
-            "GPU_MEMORY_UTILIZATION": "0.3", "VLLM_CPU_KVCACHE_SPACE": "1",
-            "VLLM_EXTRA_ARGS": "--no-enable-chunked-prefill", "LOCAL_API_KEY": LOCAL_KEY,
-            "VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "MAX_MODEL_LEN": "32768",
-            "VLLM_STARTUP_TIMEOUT": "400", "HF_TOKEN": "hf_e2e_secret_token_value"}
+def vllm_processes(port: int) -> list[int]:
+    """PIDs of processes whose command line serves on `port` (the vLLM child)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                argv = cmdline.read().split(b"\0")
+        except OSError:
+            continue
+        if b"--port" in argv and str(port).encode() in argv and b"vllm" in b" ".join(argv):
+            found.append(int(entry))
+    return found
 
 
 @pytest.fixture(scope="session")
 def real_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEndpoint]:
-    """Started once per session (vLLM takes about a minute to load on two cores)."""
+    """`make run`, as the README says, started once per session (vLLM loads in about a
+    minute on two cores); stopped with SIGTERM at the end, leaving no vLLM process."""
     tmp = tmp_path_factory.mktemp("real-endpoint")
     port, vllm_port = free_port(), free_port()
-    env = real_endpoint_env(tmp, vllm_port)
+    env = {**os.environ, "VLLM_PORT": str(vllm_port), "HF_HOME": str(tmp / "hf"),
+           "HF_HUB_OFFLINE": "1", "LOCAL_API_KEY": LOCAL_KEY, "MAX_MODEL_LEN": "32768",
+           "VLLM_STARTUP_TIMEOUT": "400", "HF_TOKEN": "hf_e2e_secret_token_value"}
     log = tmp / "endpoint.log"
     with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO / "local_endpoint.py"), "--port", str(port)],
-            cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(["make", "-s", "run", f"PORT={port}"], cwd=REPO, env=env,
+                                   stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = RealEndpoint(f"http://127.0.0.1:{port}/v2/local", LOCAL_KEY,
-                            f"http://127.0.0.1:{vllm_port}", Path(env["MODEL_PATH"]).name, log,
-                            process)
+                            f"http://127.0.0.1:{vllm_port}", "tiny-chat", log, process)
     try:
-        deadline = time.monotonic() + 420
+        deadline = time.monotonic() + 900
         while True:
             if process.poll() is not None:
-                pytest.fail(f"The local endpoint exited ({process.returncode}):\n"
+                pytest.fail(f"`make run` exited ({process.returncode}):\n"
                             f"{endpoint.log_text()[-4000:]}")
             try:
                 if httpx.get(f"{endpoint.url}/health", headers=endpoint.headers).status_code == 200:
@@ -121,9 +122,12 @@ def real_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEndp
             time.sleep(0.5)
         yield endpoint
     finally:
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while group_members(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.wait()
+        leftovers = group_members(process.pid) + vllm_processes(vllm_port)
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+        assert not leftovers, f"processes left after SIGTERM: {leftovers}"
