@@ -27,6 +27,15 @@ _TYPES = {
 }
 
 
+# vLLM messages that have a known fix on this worker: the fix is added to the message.
+HINTS = (
+    ('"auto" tool choice requires',
+     "This worker runs vLLM without tool calling for this model: set TOOL_CALL_PARSER "
+     "(and ENABLE_AUTO_TOOL_CHOICE=true) on the endpoint, or in OpenWebUI turn off the model's "
+     '"Builtin Tools" capability (Admin Panel, Settings, Models).'),
+)
+
+
 class ProxyError(Exception):
     """A failure with the HTTP status a client should see."""
 
@@ -64,7 +73,9 @@ def from_upstream(status: int, content: bytes) -> ProxyError:
     if isinstance(inner, dict) and inner.get("message"):
         error_type = inner.get("type") if isinstance(inner.get("type"), str) else None
         param = inner.get("param") if isinstance(inner.get("param"), str) else None
-        return ProxyError(status, str(inner["message"]), param, error_type)
+        message = str(inner["message"])
+        message += "".join(f" {hint}" for known, hint in HINTS if known in message)
+        return ProxyError(status, message, param, error_type)
     if isinstance(parsed, dict) and "detail" in parsed:
         detail = parsed["detail"]
         text = detail if isinstance(detail, str) else json.dumps(detail, ensure_ascii=False)

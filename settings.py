@@ -4,7 +4,8 @@
 mapping (tests pass plain dicts), applies the defaults below, and raises
 `SettingsError` with a sentence naming the variable when a value is invalid,
 before anything is spawned. Unset optional vLLM settings stay `None` so that
-vLLM's own defaults apply.
+vLLM's own defaults apply; for the tool-calling and reasoning settings, None
+means "pick for the model" (parsers.py) and "" or False means "off".
 """
 
 from __future__ import annotations
@@ -83,13 +84,16 @@ class Settings:
     secrets: tuple[str, ...]
 
     @property
-    def served_model_name(self) -> str:
-        """The name clients send as `model`: the override, else the name the model was asked by."""
-        if self.served_model_name_override:
-            return self.served_model_name_override
+    def model_label(self) -> str:
+        """The model's own name: MODEL_NAME, or the MODEL_PATH folder's when no name was given."""
         if self.model_path and self.model_name_is_default:
             return self.model_path.rstrip("/").rsplit("/", 1)[-1]
         return self.model_name
+
+    @property
+    def served_model_name(self) -> str:
+        """The name clients send as `model`."""
+        return self.served_model_name_override or self.model_label
 
     @property
     def upstream_url(self) -> str:
@@ -138,6 +142,12 @@ def _bool(env: Mapping[str, str], name: str) -> bool | None:
     raise SettingsError(f"{name}={raw!r} is not valid: it must be true or false.")
 
 
+def _switched_off(env: Mapping[str, str], name: str) -> bool:
+    """Set, but empty or a word for "off": the feature is turned off, not left to automatic."""
+    raw = env.get(name)
+    return raw is not None and raw.strip().lower() in {"", "false", "off", "none", "0"}
+
+
 def secret_values(env: Mapping[str, str]) -> tuple[str, ...]:
     """Values of every variable that looks like a secret (HF_TOKEN, *_KEY, ...), longest first."""
     found = {v for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= 4}
@@ -152,12 +162,8 @@ def load(env: Mapping[str, str]) -> Settings:
                    lambda v: 0 < v < 65536)
     growth = _number(env, "DEFAULT_BATCH_SIZE_GROWTH_FACTOR", float, "a number of at least 1",
                      lambda v: 1 <= v < float("inf"))
-    tool_choice = _bool(env, "ENABLE_AUTO_TOOL_CHOICE")
-    tool_parser = _value(env, "TOOL_CALL_PARSER")
-    if tool_choice and not tool_parser:
-        raise SettingsError(
-            "ENABLE_AUTO_TOOL_CHOICE=true needs TOOL_CALL_PARSER too (e.g. hermes, openai, "
-            "llama3_json): vLLM cannot parse tool calls without it.")
+    tool_choice = False if _switched_off(env, "ENABLE_AUTO_TOOL_CHOICE") \
+        else _bool(env, "ENABLE_AUTO_TOOL_CHOICE")
     extra = _value(env, "VLLM_EXTRA_ARGS") or ""
     try:
         extra_args = tuple(shlex.split(extra))
@@ -184,8 +190,10 @@ def load(env: Mapping[str, str]) -> Settings:
         vllm_python=_value(env, "VLLM_PYTHON"),
         tensor_parallel_size=_positive_int(env, "TENSOR_PARALLEL_SIZE"),
         enable_auto_tool_choice=tool_choice,
-        tool_call_parser=tool_parser,
-        reasoning_parser=_value(env, "REASONING_PARSER"),
+        tool_call_parser="" if _switched_off(env, "TOOL_CALL_PARSER")
+        else _value(env, "TOOL_CALL_PARSER"),
+        reasoning_parser="" if _switched_off(env, "REASONING_PARSER")
+        else _value(env, "REASONING_PARSER"),
         vllm_extra_args=extra_args,
         vllm_base_url=base_url,
         max_concurrency=_positive_int(env, "MAX_CONCURRENCY"),

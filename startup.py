@@ -24,7 +24,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from model_locator import LocatorError, link_for_vllm, locate
+from model_locator import Location, LocatorError, link_for_vllm, locate
+from parsers import Choice, choose, read_model_info
 from proxy import Proxy
 from relay import Pacing
 from settings import Settings, SettingsError, load, secret_values
@@ -75,6 +76,29 @@ class Upstream:
             self.child.stop(grace)
 
 
+@dataclass(frozen=True)
+class Launch:
+    """How vLLM will be started: where the weights are, what it is given, which parsers."""
+
+    location: Location
+    model: str
+    parsers: Choice
+    argv: list[str]
+
+
+def plan_launch(settings: Settings, env: Mapping[str, str]) -> Launch:
+    """Locate the weights, pick the parsers and build the command (LocatorError,
+    SettingsError when that cannot work)."""
+    location = locate(settings.model_name, settings.model_path, settings.hf_home,
+                      settings.hub_caches)
+    model = link_for_vllm(location.model, settings.hf_home) if location.is_local \
+        else location.model
+    info = read_model_info(settings.model_label, location.model if location.is_local else None)
+    choice = choose(info, settings.enable_auto_tool_choice, settings.tool_call_parser,
+                    settings.reasoning_parser)
+    return Launch(location, model, choice, build_command(settings, model, count_gpus(env), choice))
+
+
 def start_upstream(settings: Settings, env: Mapping[str, str]) -> Upstream:
     """Locate, spawn and wait until healthy; StartupError (or LocatorError) otherwise."""
     if settings.vllm_base_url:
@@ -82,13 +106,10 @@ def start_upstream(settings: Settings, env: Mapping[str, str]) -> Upstream:
         took = wait_healthy(settings.upstream_url, settings.startup_timeout)
         log.info("vLLM at %s is healthy (%.1f s)", settings.upstream_url, took)
         return Upstream(settings.upstream_url, settings.served_model_name)
-    location = locate(settings.model_name, settings.model_path, settings.hf_home,
-                      settings.hub_caches)
-    for step in location.steps:
+    launch = plan_launch(settings, env)
+    for step in launch.location.steps + launch.parsers.reasons:
         log.info("%s", step)
-    model = link_for_vllm(location.model, settings.hf_home) if location.is_local \
-        else location.model
-    argv = build_command(settings, model, count_gpus(env))
+    argv = launch.argv
     log.info("Starting vLLM as %s: %s", settings.served_model_name, show(argv, settings.secrets))
     child = VllmChild(argv, env)
     child.start()
@@ -112,7 +133,7 @@ def run_startup(env: Mapping[str, str] = os.environ) -> tuple[Settings, Upstream
     setup_logging(settings.secrets)
     try:
         return settings, start_upstream(settings, env)
-    except (LocatorError, StartupError) as exc:
+    except (LocatorError, StartupError, SettingsError) as exc:
         log.error("Start-up failed: %s", exc)
         sys.exit(1)
 

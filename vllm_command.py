@@ -14,14 +14,16 @@ import re
 import shlex
 from collections.abc import Mapping, Sequence
 
+from parsers import Choice
 from settings import Settings
 
 _SECRET_FLAG = re.compile(r"^--?[\w-]*(key|token|secret|password)[\w-]*$", re.IGNORECASE)
 MASK = "***"
 
 
-def build_command(settings: Settings, model: str, gpu_count: int) -> list[str]:
-    """argv for vLLM's OpenAI server serving `model` on loopback."""
+def build_command(settings: Settings, model: str, gpu_count: int,
+                  parsers: Choice | None = None) -> list[str]:
+    """argv for vLLM's OpenAI server serving `model` on loopback, with the chosen parsers."""
     if settings.use_vllm_serve:
         argv = ["vllm", "serve", model]
     else:
@@ -37,12 +39,10 @@ def build_command(settings: Settings, model: str, gpu_count: int) -> list[str]:
     tensor_parallel = settings.tensor_parallel_size or (gpu_count if gpu_count > 1 else None)
     if tensor_parallel:
         argv += ["--tensor-parallel-size", str(tensor_parallel)]
-    if settings.enable_auto_tool_choice:
-        argv.append("--enable-auto-tool-choice")
-    if settings.tool_call_parser:
-        argv += ["--tool-call-parser", settings.tool_call_parser]
-    if settings.reasoning_parser:
-        argv += ["--reasoning-parser", settings.reasoning_parser]
+    if parsers is not None and parsers.tool_parser:
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", parsers.tool_parser]
+    if parsers is not None and parsers.reasoning_parser:
+        argv += ["--reasoning-parser", parsers.reasoning_parser]
     return argv + list(settings.vllm_extra_args)
 
 

@@ -77,6 +77,14 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def real_vllm_python() -> str:
+    """The Python of vLLM's own environment (`make test` sets it up)."""
+    python = os.environ.get("VLLM_PYTHON", str(REPO / ".venv-vllm" / "bin" / "python"))
+    if not Path(python).exists():
+        pytest.fail(f"vLLM's environment is missing ({python}); `make test` sets it up.")
+    return python
+
+
 def vllm_processes(port: int) -> list[int]:
     """PIDs of processes whose command line serves on `port` (the vLLM child)."""
     found = []

@@ -175,6 +175,27 @@ def test_openwebui_model_list_chat_stream_and_title_call(real_endpoint: RealEndp
     assert title.status_code == 200 and title.json()["object"] == "chat.completion"
 
 
+def openwebui_tool(i: int) -> dict[str, object]:
+    return {"type": "function", "function": {
+        "name": f"builtin_tool_{i}", "description": f"Built-in tool number {i}.",
+        "parameters": {"type": "object", "properties": {"query": {"type": "string"}},
+                       "required": ["query"]}}}
+
+
+def test_openwebuis_default_chat_with_thirty_tools_streams(real_endpoint: RealEndpoint) -> None:
+    """OpenWebUI adds its built-in tools, without tool_choice, to every chat by default."""
+    body = {"stream": True, "model": real_endpoint.model, "messages": HELLO, "max_tokens": 16,
+            "tools": [openwebui_tool(i) for i in range(30)]}
+    with httpx.stream("POST", f"{real_endpoint.url}/openai/v1/chat/completions", json=body,
+                      headers={**OPENWEBUI_HEADERS, **real_endpoint.headers},
+                      timeout=120) as answer:
+        assert answer.status_code == 200, answer.read()
+        assert "text/event-stream" in answer.headers["content-type"]
+        lines = [line for line in answer.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    assert "--tool-call-parser hermes" in real_endpoint.log_text()
+
+
 def test_vllm_listens_on_loopback_only(real_endpoint: RealEndpoint) -> None:
     port = int(real_endpoint.vllm_url.rsplit(":", 1)[1])
     listening = []

@@ -158,6 +158,18 @@ def test_upstream_errors_keep_vllms_message_and_status(fake_vllm: HTTPServer, pr
     assert job_error(items) == vllm_error["error"]
 
 
+def test_a_tools_request_to_a_vllm_without_tool_calling_says_how_to_fix_it(
+        fake_vllm: HTTPServer, proxy: Proxy) -> None:
+    message = ('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
+               'to be set')
+    fake_vllm.expect_request("/v1/chat/completions").respond_with_json(
+        {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}},
+        status=400)
+    error = job_error(run_job(proxy, {"messages": [], "tools": [{"type": "function"}]}))
+    assert error["code"] == 400 and error["message"].startswith(message)
+    assert "TOOL_CALL_PARSER" in error["message"] and "Builtin Tools" in error["message"]
+
+
 def test_a_non_json_error_body_is_quoted(fake_vllm: HTTPServer, proxy: Proxy) -> None:
     fake_vllm.expect_request("/v1/completions").respond_with_data("Internal Server Error",
                                                                    status=500)

@@ -41,7 +41,6 @@ def test_empty_values_count_as_unset() -> None:
     ({"USE_VLLM_SERVE": "maybe"}, "USE_VLLM_SERVE='maybe' is not valid: it must be true or false"),
     ({"STREAM_FLUSH_INTERVAL": "0.5"}, "STREAM_FLUSH_INTERVAL"),
     ({"DEFAULT_BATCH_SIZE_GROWTH_FACTOR": "0.5"}, "DEFAULT_BATCH_SIZE_GROWTH_FACTOR"),
-    ({"ENABLE_AUTO_TOOL_CHOICE": "true"}, "needs TOOL_CALL_PARSER"),
     ({"VLLM_EXTRA_ARGS": "--x 'unclosed"}, "VLLM_EXTRA_ARGS cannot be split"),
     ({"VLLM_BASE_URL": "localhost:8000"}, "VLLM_BASE_URL"),
 ])
@@ -62,6 +61,18 @@ def test_values_are_parsed() -> None:
     assert settings.tensor_parallel_size == 2
     assert "/cache/hub" in settings.hub_caches
     assert settings.upstream_url == "http://10.0.0.2:9000"
+
+
+def test_tool_settings_tell_unset_from_switched_off() -> None:
+    unset = load({})
+    assert (unset.enable_auto_tool_choice, unset.tool_call_parser, unset.reasoning_parser) == (
+        None, None, None)
+    off = load({"ENABLE_AUTO_TOOL_CHOICE": "", "TOOL_CALL_PARSER": " ",
+                "REASONING_PARSER": "false"})
+    assert (off.enable_auto_tool_choice, off.tool_call_parser, off.reasoning_parser) == (
+        False, "", "")
+    on = load({"ENABLE_AUTO_TOOL_CHOICE": "on", "TOOL_CALL_PARSER": "hermes"})
+    assert (on.enable_auto_tool_choice, on.tool_call_parser) == (True, "hermes")
 
 
 def test_served_name_is_the_override_else_the_model_name() -> None:

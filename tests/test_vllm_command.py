@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from parsers import Choice
 from settings import load
 from vllm_command import build_command, count_gpus, mask_argv, show
 
@@ -18,11 +19,10 @@ def test_legacy_form_runs_the_api_server_module_with_vllm_python() -> None:
 
 
 def test_serve_form_and_optional_flags() -> None:
-    settings = load({"USE_VLLM_SERVE": "true", "ENABLE_AUTO_TOOL_CHOICE": "true",
-                     "TOOL_CALL_PARSER": "openai", "REASONING_PARSER": "openai_gptoss",
+    settings = load({"USE_VLLM_SERVE": "true",
                      "VLLM_EXTRA_ARGS": "--max-num-seqs 64 --enforce-eager",
                      "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "gpt-oss"})
-    argv = build_command(settings, "/hf/model", 4)
+    argv = build_command(settings, "/hf/model", 4, Choice("openai", "openai_gptoss", ()))
     assert argv[:3] == ["vllm", "serve", "/hf/model"]
     assert argv[argv.index("--tensor-parallel-size") + 1] == "4"
     assert "--enable-auto-tool-choice" in argv
@@ -30,6 +30,11 @@ def test_serve_form_and_optional_flags() -> None:
     assert argv[argv.index("--reasoning-parser") + 1] == "openai_gptoss"
     assert argv[argv.index("--served-model-name") + 1] == "gpt-oss"
     assert argv[-3:] == ["--max-num-seqs", "64", "--enforce-eager"]
+
+
+def test_parsers_left_off_add_no_flag() -> None:
+    argv = build_command(load({}), "m", 1, Choice(None, None, ()))
+    assert not [a for a in argv if "parser" in a or "tool" in a]
 
 
 def test_tensor_parallel_defaults_to_every_visible_gpu_and_can_be_set() -> None:
