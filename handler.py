@@ -20,8 +20,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from proxy import Proxy
+from routes import Target
 from settings import load
-from startup import Supervision, Upstream, make_proxy, run_startup
+from startup import Supervision, Upstream, make_proxy, run_startup, stop_all
 
 log = logging.getLogger("worker")
 _proxy: Proxy | None = None
@@ -38,8 +39,8 @@ def current_proxy() -> Proxy:
     """The configured proxy, else one for the vLLM server the environment names."""
     if _proxy is None:
         settings = load(os.environ)
-        configure(make_proxy(settings, Upstream(settings.upstream_url,
-                                                settings.served_model_name)))
+        target = Target(settings.served_model_name, settings.upstream_url)
+        configure(make_proxy(settings, [Upstream(target)]))
     assert _proxy is not None
     return _proxy
 
@@ -60,7 +61,7 @@ def _unwind_on_sigterm() -> None:
     """Until the SDK installs its handlers, make SIGTERM raise SystemExit.
 
     Python's default action would end the worker at once and leave vLLM, in its own
-    session, running; unwinding lets start_upstream (or main's `finally`) stop it.
+    session, running; unwinding lets start_upstreams (or main's `finally`) stop it.
     """
     main_pid = os.getpid()
 
@@ -75,9 +76,10 @@ def _unwind_on_sigterm() -> None:
 def main() -> None:
     """Start vLLM, then serve jobs through the Runpod SDK until told to stop."""
     _unwind_on_sigterm()
-    settings, upstream = run_startup()
-    proxy = configure(make_proxy(settings, upstream))
-    supervision = Supervision(upstream, proxy, _sdk_jobs_in_progress,
+    settings, upstreams = run_startup()
+    proxy = configure(make_proxy(settings, upstreams))
+    assert proxy is not None
+    supervision = Supervision(upstreams, proxy, _sdk_jobs_in_progress,
                               settings.shutdown_grace_period)
     supervision.watch()
     signals_chained = False
@@ -91,13 +93,16 @@ def main() -> None:
             signals_chained = True
         return settings.max_concurrency
 
+    # The SDK logs every yielded item at DEBUG, its default level: users' prompts and
+    # answers would fill the log. INFO unless the deployment asks for more.
+    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     import runpod
 
     try:
         runpod.serverless.start({"handler": handler, "return_aggregate_stream": True,
                                  "concurrency_modifier": concurrency_modifier})
     finally:
-        upstream.stop(grace=10)
+        stop_all(upstreams)
 
 
 if __name__ == "__main__":

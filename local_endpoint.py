@@ -381,13 +381,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args(argv)
-    from startup import Supervision, make_proxy, run_startup
+    from startup import Supervision, make_proxy, run_startup, stop_all
 
-    settings, upstream = run_startup()
-    proxy = handler.configure(make_proxy(settings, upstream))
+    settings, upstreams = run_startup()
+    proxy = handler.configure(make_proxy(settings, upstreams))
     assert proxy is not None
     jobs = Jobs(handler.handler, settings.max_concurrency)
-    Supervision(upstream, proxy, jobs.unfinished, settings.shutdown_grace_period).watch()
+    Supervision(upstreams, proxy, jobs.unfinished, settings.shutdown_grace_period).watch()
 
     async def drain() -> None:
         deadline = time.monotonic() + settings.shutdown_grace_period
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         server.run()
     finally:
         log.info("Stopping vLLM")
-        upstream.stop()
+        stop_all(upstreams)
     sys.exit(0 if server.started else 1)
 
 

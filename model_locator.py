@@ -165,14 +165,14 @@ def locate(model_name: str, model_path: str | None, hf_home: str,
     return Location(model_name, False, tuple(steps))
 
 
-def link_for_vllm(target: str, hf_home: str) -> str:
+def link_for_vllm(target: str, hf_home: str, name: str = "model") -> str:
     """A stable path to give vLLM instead of a cache path it could mistake for a repo id.
 
-    `{HF_HOME}/model` becomes a symlink to `target`; when HF_HOME is read-only (or
-    already holds a real `model` folder that is not the target) a private temp
-    folder is used instead.
+    `{HF_HOME}/{name}` becomes a symlink to `target`; when HF_HOME is read-only (or
+    already holds a real folder of that name that is not the target) a private
+    temp folder is used instead.
     """
-    link = Path(hf_home) / "model"
+    link = Path(hf_home) / name
     if link.resolve() == Path(target).resolve():
         return str(link) if link.is_symlink() else target
     if not (link.exists() and not link.is_symlink()):
@@ -180,7 +180,7 @@ def link_for_vllm(target: str, hf_home: str) -> str:
             return _replace_symlink(link, target)
         except OSError:
             pass
-    return _replace_symlink(Path(tempfile.mkdtemp(prefix="vllm-model-")) / "model", target)
+    return _replace_symlink(Path(tempfile.mkdtemp(prefix="vllm-model-")) / name, target)
 
 
 def _replace_symlink(link: Path, target: str) -> str:

@@ -15,11 +15,10 @@ named here exists in the vLLM version the project runs.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
+from model_info import ModelInfo
 from settings import SettingsError
 
 
@@ -81,15 +80,6 @@ FAMILIES: tuple[Family, ...] = (
 # Chat templates that write tool calls as <tool_call>{json}</tool_call> (Hermes style).
 HERMES_TEMPLATE = Family("Hermes-style <tool_call> chat template", "", frozenset(), "hermes")
 LLAMA3_TEMPLATE = Family("Llama 3 chat template", "", frozenset(), "llama3_json")
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What identifies a model: its name, config.json `model_type`, and chat template."""
-
-    name: str
-    model_type: str = ""
-    chat_template: str = ""
 
 
 @dataclass(frozen=True)
@@ -155,31 +145,3 @@ def choose(info: ModelInfo, enable_auto_tool_choice: bool | None, tool_call_pars
         reasons.append(f"no reasoning parser for {info.name}; set REASONING_PARSER if the model "
                        "writes its reasoning before the answer")
     return Choice(tool, reasoning, tuple(reasons))
-
-
-def read_model_info(name: str, folder: str | None) -> ModelInfo:
-    """ModelInfo from a local model folder (its files may be missing or odd: never raises)."""
-    if folder is None:
-        return ModelInfo(name)
-    path = Path(folder)
-    model_type = ""
-    template = ""
-    try:
-        config = json.loads((path / "config.json").read_text())
-        model_type = str(config.get("model_type", ""))
-        text_config = config.get("text_config")
-        if isinstance(text_config, dict) and not model_type:
-            model_type = str(text_config.get("model_type", ""))
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        template = (path / "chat_template.jinja").read_text()
-    except OSError:
-        try:
-            found = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
-            if isinstance(found, list):  # named templates: [{"name", "template"}, ...]
-                found = " ".join(str(t.get("template", "")) for t in found if isinstance(t, dict))
-            template = found if isinstance(found, str) else ""
-        except (OSError, ValueError, AttributeError):
-            pass
-    return ModelInfo(name, model_type, template)

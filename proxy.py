@@ -17,20 +17,37 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import httpx
 
 from errors import ProxyError, from_upstream, stream_error_event
 from relay import Pacing, StreamRelay
-from routes import UpstreamRequest, resolve
+from routes import Target, UpstreamRequest, resolve
 
 log = logging.getLogger("worker.proxy")
 
 
 def _no_exit(timeout: float) -> str | None:
     return None
+
+
+def reshape(body: Any, how: str | None) -> Any:
+    """vLLM's answer in the shape the job asked for: the embedding workers' rerank shape
+    (results in document order, `document` as plain text only with return_docs)."""
+    if how is None or not isinstance(body, dict) or not isinstance(body.get("results"), list):
+        return body
+    results = []
+    for result in sorted(body["results"], key=lambda r: r.get("index", 0)):
+        shaped = {"relevance_score": result.get("relevance_score"), "index": result.get("index")}
+        if how == "rerank-docs":
+            document = result.get("document")
+            shaped["document"] = document.get("text") if isinstance(document, dict) else document
+        results.append(shaped)
+    tokens = (body.get("usage") or {}).get("total_tokens", 0)
+    return {"model": body.get("model"), "results": results,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 def pacing_for(job_input: object, default: Pacing) -> Pacing:
@@ -61,11 +78,10 @@ def pacing_for(job_input: object, default: Pacing) -> Pacing:
 class Proxy:
     """The worker's link to vLLM: one shared connection pool for every job."""
 
-    def __init__(self, base_url: str, served_model: str, request_timeout: float = 600,
+    def __init__(self, targets: Target | Sequence[Target], request_timeout: float = 600,
                  pacing: Pacing | None = None, prompt_max_tokens: int = 512,
                  upstream_exit: Callable[[float], str | None] = _no_exit) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.served_model = served_model
+        self.targets = [targets] if isinstance(targets, Target) else list(targets)
         self.request_timeout = request_timeout
         self.pacing = pacing or Pacing()
         self.prompt_max_tokens = prompt_max_tokens
@@ -80,7 +96,6 @@ class Proxy:
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
             self._client = httpx.AsyncClient(
-                base_url=self.base_url,
                 timeout=httpx.Timeout(self.request_timeout, connect=10),
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
                 headers={"Accept-Encoding": "identity"},
@@ -101,11 +116,15 @@ class Proxy:
         try:
             if self.refusal:
                 raise ProxyError(503, self.refusal)
-            request = resolve(job_input, self.served_model, self.prompt_max_tokens)
+            request = resolve(job_input, self.targets, self.prompt_max_tokens)
             pacing = pacing_for(job_input, self.pacing)
-            log.info("job %s: %s %s", job_id, request.method, request.path)
-            async for item in self._exchange(request, pacing):
-                yield item
+            log.info("job %s: %s %s (%s)", job_id, request.method, request.path,
+                     request.target.name)
+            if request.path == "/v1/models" and len(self.targets) > 1:
+                yield await self._all_models()
+            else:
+                async for item in self._exchange(request, pacing):
+                    yield reshape(item, request.reshape)
         except ProxyError as exc:
             failure = exc
             outcome = f"failed {exc.status}: {exc.message[:300]}"
@@ -130,7 +149,7 @@ class Proxy:
             except (ValueError, TypeError, RecursionError) as exc:
                 raise ProxyError(400, f"The request body cannot be sent as JSON: {exc}.") from None
         message = self.client.build_request(
-            request.method, request.path, content=content,
+            request.method, request.target.base_url + request.path, content=content,
             headers={"Content-Type": "application/json"} if content is not None else None)
         try:
             response = await self.client.send(message, stream=True)
@@ -152,6 +171,15 @@ class Proxy:
             yield parsed
         finally:
             await response.aclose()
+
+    async def _all_models(self) -> dict[str, Any]:
+        """/v1/models of every vLLM server, as one list."""
+        listed: list[Any] = []
+        for target in self.targets:
+            request = UpstreamRequest("GET", "/v1/models", None, "openai", target)
+            async for body in self._exchange(request, self.pacing):
+                listed += body.get("data", []) if isinstance(body, dict) else []
+        return {"object": "list", "data": listed}
 
     async def _read(self, response: httpx.Response) -> bytes:
         try:
@@ -188,6 +216,6 @@ class Proxy:
             return ProxyError(503, f"vLLM is not running ({exit_reason}); the worker is "
                                    "restarting.")
         if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-            return ProxyError(503, f"vLLM is not reachable at {self.base_url}: {exc}")
+            return ProxyError(503, f"vLLM is not reachable: {exc}")
         detail = str(exc) or type(exc).__name__
         return ProxyError(502, f"The connection to vLLM broke: {detail}")

@@ -6,8 +6,14 @@ Accepted shapes of `job["input"]`:
    a bare `{"openai_route": "/v1/models"}` (or any GET route) has no body.
 2. Plain requests: `messages` goes to chat completions, `prompt` to completions
    (with `max_tokens` = DEFAULT_MAX_TOKENS when unset, not vLLM's 16), `input`
-   to responses; OpenAI fields sit at the top level or in `sampling_params`
-   (which wins on a clash); an `openai_route` beside them picks the route instead.
+   to embeddings for an embedding model and to responses otherwise, `query` with
+   `docs` to rerank (the embedding workers' shapes); OpenAI fields sit at the top
+   level or in `sampling_params` (which wins on a clash); an `openai_route`
+   beside them picks the route instead.
+
+The job's `model` picks the vLLM server when several models are served (the
+first when none is named); a route the model's vLLM does not have is a 404
+that lists the routes it has.
 
 Only the serving routes in `UPSTREAM_ROUTES` can be reached; anything else
 (vLLM's admin routes, `..`, URLs, query strings, encodings) is refused before
@@ -18,6 +24,7 @@ it gets near vLLM. Everything here is pure: `resolve` turns an input into an
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +63,22 @@ CONTROL_FIELDS = ("openai_route", "openai_input", "sampling_params",
                   "max_batch_size", "min_batch_size", "batch_size_growth_factor")
 SHAPES = ('accepted job inputs: {"openai_route": "/v1/chat/completions", "openai_input": {...}}, '
           '{"openai_route": "/v1/models"}, {"messages": [...]}, {"prompt": "..."}, '
-          '{"input": ...} (responses), with OpenAI fields at the top level or in "sampling_params"')
+          '{"input": ...} (embeddings or responses), {"query": "...", "docs": [...]} (rerank), '
+          'with OpenAI fields at the top level or in "sampling_params"')
+
+
+@dataclass(frozen=True)
+class Target:
+    """One vLLM server: the model name it serves, its URL, the routes it has (None: unknown)."""
+
+    name: str
+    base_url: str
+    routes: frozenset[str] | None = None
+
+    @property
+    def pooling(self) -> bool:
+        """An embedding, scoring or reranking model: one that does not generate text."""
+        return self.routes is not None and "/v1/chat/completions" not in self.routes
 
 
 @dataclass(frozen=True)
@@ -65,6 +87,8 @@ class UpstreamRequest:
     path: str
     body: dict[str, Any] | None
     kind: str
+    target: Target
+    reshape: str | None = None
 
 
 def allowed_routes() -> str:
@@ -112,11 +136,46 @@ def _check_types(body: dict[str, Any]) -> None:
         raise ProxyError(400, "model must be a string naming a served model.", "model")
 
 
-def resolve(job_input: object, served_model: str, prompt_max_tokens: int) -> UpstreamRequest:
-    """The vLLM request for a job input (see the module docstring), or ProxyError(400)."""
+def pick(targets: Sequence[Target], name: object) -> Target:
+    """The vLLM server for a job's `model` (the first when none is named)."""
+    if name is None:
+        return targets[0]
+    for target in targets:
+        if target.name == name:
+            return target
+    if len(targets) == 1:
+        return targets[0]  # vLLM itself answers with its 404 and the names it knows
+    served = ", ".join(t.name for t in targets)
+    raise ProxyError(404, f"The model `{name}` is not served here; served models: {served}.",
+                     "model", "NotFoundError")
+
+
+def _plain_route(body: dict[str, Any], target: Target, prompt_max_tokens: int
+                 ) -> tuple[str, str, str, dict[str, Any], str | None]:
+    """Route, method, kind, body and reshaping for a plain request, by its fields."""
+    if "messages" in body:
+        return "/v1/chat/completions", "POST", "openai", body, None
+    if "prompt" in body:
+        return "/v1/completions", "POST", "openai", {"max_tokens": prompt_max_tokens,
+                                                    **body}, None
+    if "query" in body and "docs" in body:  # the embedding workers' rerank shape
+        rest = {k: v for k, v in body.items() if k not in ("docs", "return_docs")}
+        reshape = "rerank-docs" if body.get("return_docs") else "rerank"
+        return "/rerank", "POST", "openai", {**rest, "documents": body["docs"]}, reshape
+    if "input" in body:
+        if target.pooling:
+            return "/v1/embeddings", "POST", "openai", body, None
+        return "/v1/responses", "POST", "responses", body, None
+    raise ProxyError(400, f"The job input has no request in it; {SHAPES}.")
+
+
+def resolve(job_input: object, targets: Sequence[Target], prompt_max_tokens: int
+            ) -> UpstreamRequest:
+    """The vLLM request for a job input (see the module docstring), or ProxyError."""
     if not isinstance(job_input, dict):
         raise ProxyError(400, f"The job input must be a JSON object; {SHAPES}.")
     route = job_input.get("openai_route")
+    reshape = None
     if "openai_input" in job_input:
         body = job_input["openai_input"]
         if not isinstance(body, dict):
@@ -129,26 +188,30 @@ def resolve(job_input: object, served_model: str, prompt_max_tokens: int) -> Ups
         if route is None:
             raise ProxyError(400, f"openai_input needs an openai_route; {SHAPES}.",
                              "openai_route")
-        path, method, kind = resolve_route(route)
     else:
         body = _plain_body(job_input)
-        if route is not None:
-            path, method, kind = resolve_route(route)
-        elif "messages" in body:
-            path, method, kind = "/v1/chat/completions", "POST", "openai"
-        elif "prompt" in body:
-            path, method, kind = "/v1/completions", "POST", "openai"
-            body.setdefault("max_tokens", prompt_max_tokens)
-        elif "input" in body:
-            path, method, kind = "/v1/responses", "POST", "responses"
-        else:
-            raise ProxyError(400, f"The job input has no request in it; {SHAPES}.")
+    _check_types(body)
+    target = pick(targets, body.get("model"))
+    if route is not None:
+        path, method, kind = resolve_route(route)
+    else:
+        path, method, kind, body, reshape = _plain_route(body, target, prompt_max_tokens)
+    _check_served(target, path)
     if method == "GET" or path.endswith("/cancel"):
-        return UpstreamRequest(method, path, None, kind)
+        return UpstreamRequest(method, path, None, kind, target)
     if not body:
         raise ProxyError(400, f"{path} needs a request body (openai_input); {SHAPES}.",
                          "openai_input")
-    _check_types(body)
     if "model" not in body:
-        body = {"model": served_model, **body}
-    return UpstreamRequest(method, path, body, kind)
+        body = {"model": target.name, **body}
+    return UpstreamRequest(method, path, body, kind, target, reshape)
+
+
+def _check_served(target: Target, path: str) -> None:
+    """Refuse a route this model's vLLM does not have, saying which it has."""
+    if target.routes is None or path not in UPSTREAM_ROUTES or path in target.routes:
+        return
+    what = " (an embedding or scoring model)" if target.pooling else ""
+    has = ", ".join(sorted(target.routes & set(UPSTREAM_ROUTES)))
+    raise ProxyError(404, f"{target.name}{what} does not serve {path}; it serves: {has}.",
+                     None, "NotFoundError")

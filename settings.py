@@ -51,15 +51,26 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True)
-class Settings:
-    model_name: str
-    model_name_is_default: bool
-    model_path: str | None
-    hf_home: str
-    hub_caches: tuple[str, ...]
-    served_model_name_override: str | None
+class ModelSettings:
+    """One served model: one vLLM child on its own loopback port."""
+
+    name: str
+    path: str | None
+    label: str
+    served_name: str
+    port: int
     gpu_memory_utilization: float
     max_model_len: int
+    max_model_len_is_default: bool
+    runner: str | None
+    convert: str | None
+
+
+@dataclass(frozen=True)
+class Settings:
+    models: tuple[ModelSettings, ...]
+    hf_home: str
+    hub_caches: tuple[str, ...]
     dtype: str
     vllm_port: int
     use_vllm_serve: bool
@@ -83,22 +94,24 @@ class Settings:
     local_max_body_bytes: int
     secrets: tuple[str, ...]
 
+    # The first (or only) model's values, for what concerns a single model.
     @property
-    def model_label(self) -> str:
-        """The model's own name: MODEL_NAME, or the MODEL_PATH folder's when no name was given."""
-        if self.model_path and self.model_name_is_default:
-            return self.model_path.rstrip("/").rsplit("/", 1)[-1]
-        return self.model_name
+    def model_name(self) -> str:
+        return self.models[0].name
+
+    @property
+    def model_path(self) -> str | None:
+        return self.models[0].path
 
     @property
     def served_model_name(self) -> str:
         """The name clients send as `model`."""
-        return self.served_model_name_override or self.model_label
+        return self.models[0].served_name
 
     @property
     def upstream_url(self) -> str:
-        """Where vLLM answers: the external server, else the child on loopback."""
-        return (self.vllm_base_url or f"http://127.0.0.1:{self.vllm_port}").rstrip("/")
+        """Where the first vLLM answers: the external server, else the child on loopback."""
+        return (self.vllm_base_url or f"http://127.0.0.1:{self.models[0].port}").rstrip("/")
 
 
 def _value(env: Mapping[str, str], name: str) -> str | None:
@@ -154,10 +167,78 @@ def secret_values(env: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(sorted(found, key=len, reverse=True))
 
 
+def _split(raw: str | None) -> list[str]:
+    return [part.strip() for part in (raw or "").split(";") if part.strip()]
+
+
+def _per_model(env: Mapping[str, str], name: str, count: int, cast: Callable[[str], T],
+               rule: str, ok: Callable[[T], bool]) -> list[T | None]:
+    """A value for each model: one value for all, or a semicolon list with one per model."""
+    parts = _split(env.get(name)) or [None]
+    if len(parts) not in (1, count):
+        raise SettingsError(f"{name} has {len(parts)} values for {count} models (MODEL_NAMES): "
+                            "give one value, or one per model separated by ';'.")
+    values = []
+    for part in parts:
+        values.append(None if part is None else _number({name: part}, name, cast, rule, ok))
+    return values * count if len(values) == 1 else values
+
+
+def _models(env: Mapping[str, str], port: int) -> tuple[ModelSettings, ...]:
+    """MODEL_NAMES (several models, one vLLM each) or MODEL_NAME/MODEL_PATH (one)."""
+    names = _split(env.get("MODEL_NAMES"))
+    path = _value(env, "MODEL_PATH")
+    if names and path:
+        raise SettingsError("MODEL_PATH serves one model; with MODEL_NAMES give each model's "
+                            "hub id or absolute path in the list instead.")
+    if not names:
+        names = [_value(env, "MODEL_NAME") or DEFAULT_MODEL_NAME]
+    labels = list(names)
+    if path and not (env.get("MODEL_NAME") or "").strip():
+        labels = [path.rstrip("/").rsplit("/", 1)[-1]]  # no name given: the folder's
+    count = len(names)
+    overrides = _split(env.get("OPENAI_SERVED_MODEL_NAME_OVERRIDE"))
+    if len(overrides) not in (0, count):
+        raise SettingsError(f"OPENAI_SERVED_MODEL_NAME_OVERRIDE has {len(overrides)} names for "
+                            f"{count} models: give one per model, separated by ';'.")
+    served = overrides or labels
+    if len(set(served)) != count:
+        raise SettingsError(f"Two models would be served under the same name: {served}.")
+    if len(_split(env.get("GPU_MEMORY_UTILIZATION"))) > 1:
+        share = _per_model(env, "GPU_MEMORY_UTILIZATION", count, float, "a fraction in (0, 1]",
+                           lambda v: 0 < v <= 1)
+        if sum(v or 0 for v in share) > 1:
+            raise SettingsError("GPU_MEMORY_UTILIZATION values add up to more than 1: the models "
+                                "share the GPUs.")
+    else:  # one budget for all, split evenly
+        total = _number(env, "GPU_MEMORY_UTILIZATION", float, "a fraction in (0, 1]",
+                        lambda v: 0 < v <= 1)
+        share = [round((total or 0) / count, 4)] * count
+    lengths = _per_model(env, "MAX_MODEL_LEN", count, int, "a whole number above 0",
+                         lambda v: v > 0)
+    runners = _split(env.get("RUNNER")) or [None]
+    converts = _split(env.get("CONVERT")) or [None]
+    for variable, values in (("RUNNER", runners), ("CONVERT", converts)):
+        if len(values) not in (1, count):
+            raise SettingsError(f"{variable} has {len(values)} values for {count} models: give "
+                                "one value, or one per model separated by ';'.")
+    return tuple(
+        ModelSettings(
+            name=names[i], path=path, label=labels[i], served_name=served[i], port=port + i,
+            gpu_memory_utilization=share[i] or 0.0,
+            max_model_len=lengths[i] or int(DEFAULTS["MAX_MODEL_LEN"]),
+            max_model_len_is_default=lengths[i] is None,
+            runner=_auto_is_none(runners[i % len(runners)]),
+            convert=_auto_is_none(converts[i % len(converts)]))
+        for i in range(count))
+
+
+def _auto_is_none(value: str | None) -> str | None:
+    return None if value is None or value.lower() == "auto" else value
+
+
 def load(env: Mapping[str, str]) -> Settings:
     """Read and validate every setting; raise `SettingsError` on the first invalid one."""
-    utilization = _number(env, "GPU_MEMORY_UTILIZATION", float, "a fraction in (0, 1]",
-                          lambda v: 0 < v <= 1)
     port = _number(env, "VLLM_PORT", int, "a TCP port between 1 and 65535",
                    lambda v: 0 < v < 65536)
     growth = _number(env, "DEFAULT_BATCH_SIZE_GROWTH_FACTOR", float, "a number of at least 1",
@@ -172,18 +253,17 @@ def load(env: Mapping[str, str]) -> Settings:
     base_url = _value(env, "VLLM_BASE_URL")
     if base_url and not re.match(r"^https?://[^/\s]+", base_url):
         raise SettingsError(f"VLLM_BASE_URL={base_url!r} is not valid: it must be an http(s) URL.")
+    models = _models(env, port)
+    if base_url and len(models) > 1:
+        raise SettingsError("VLLM_BASE_URL names one vLLM server: it cannot be combined with "
+                            "several MODEL_NAMES.")
     caches = [env.get("HF_HUB_CACHE"), env.get("HUGGINGFACE_HUB_CACHE")]
     hf_home = _value(env, "HF_HOME") or DEFAULTS["HF_HOME"]
     hub_caches = [f"{hf_home.rstrip('/')}/hub", *[c for c in caches if c], RUNPOD_MODEL_CACHE]
     return Settings(
-        model_name=_value(env, "MODEL_NAME") or DEFAULT_MODEL_NAME,
-        model_name_is_default=not (env.get("MODEL_NAME") or "").strip(),
-        model_path=_value(env, "MODEL_PATH"),
+        models=models,
         hf_home=hf_home,
         hub_caches=tuple(dict.fromkeys(hub_caches)),
-        served_model_name_override=_value(env, "OPENAI_SERVED_MODEL_NAME_OVERRIDE"),
-        gpu_memory_utilization=utilization,
-        max_model_len=_positive_int(env, "MAX_MODEL_LEN"),
         dtype=_value(env, "DTYPE"),
         vllm_port=port,
         use_vllm_serve=bool(_bool(env, "USE_VLLM_SERVE")),

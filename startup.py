@@ -2,14 +2,16 @@
 
 Shared by the Runpod worker (`handler.py`) and the local endpoint:
 1. `setup_logging` masks every secret in every log line, vLLM's included.
-2. `start_upstream` locates the weights, spawns vLLM on loopback (or uses
-   `VLLM_BASE_URL`) and waits for `/health`; any failure is a `StartupError`
-   whose message says why, with vLLM's last lines.
-3. `Supervision` watches the child while serving: if vLLM dies, new jobs are
-   refused with 503, jobs in flight get their errors out, the group is killed
-   and the process exits 1 within a few seconds, so the platform replaces the
-   worker. On SIGTERM/SIGINT, jobs in flight get `SHUTDOWN_GRACE_PERIOD`,
-   then the child's group is stopped and the process exits 0.
+2. `start_upstreams` locates each model's weights, spawns one vLLM per model
+   on its own loopback port (or uses `VLLM_BASE_URL`), waits for `/health`, and
+   reads which routes each serves; any failure is a `StartupError` whose
+   message says why, with vLLM's last lines, and no child is left running.
+3. `Supervision` watches the children while serving: if any vLLM dies, new
+   jobs are refused with 503, jobs in flight get their errors out, every
+   child's group is killed and the process exits 1 within a few seconds, so
+   the platform replaces the worker. On SIGTERM/SIGINT, jobs in flight get
+   `SHUTDOWN_GRACE_PERIOD`, then the children's groups are stopped and the
+   process exits 0.
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import httpx
+
+from model_info import read_model_info
 from model_locator import Location, LocatorError, link_for_vllm, locate
-from parsers import Choice, choose, read_model_info
+from parsers import Choice, choose
 from proxy import Proxy
 from relay import Pacing
-from settings import Settings, SettingsError, load, secret_values
+from routes import Target
+from settings import ModelSettings, Settings, SettingsError, load, secret_values
 from supervisor import StartupError, VllmChild, wait_healthy
 from vllm_command import build_command, count_gpus, mask, show
 
@@ -46,6 +52,10 @@ class _MaskSecrets(logging.Filter):
         masked = mask(text, self.secrets)
         if masked != text:
             record.msg, record.args = masked, None
+        if record.exc_info:  # a traceback can quote a secret too
+            record.exc_text = mask(logging.Formatter().formatException(record.exc_info),
+                                   self.secrets)
+            record.exc_info = None
         return True
 
 
@@ -62,10 +72,9 @@ def setup_logging(secrets: Sequence[str] = (), level: int = logging.INFO) -> Non
 
 @dataclass
 class Upstream:
-    """The vLLM server jobs go to, and the child process behind it (None in external mode)."""
+    """One vLLM server jobs go to, and the child process behind it (None in external mode)."""
 
-    base_url: str
-    served_model: str
+    target: Target
     child: VllmChild | None = None
 
     def exit_reason(self, timeout: float = 0) -> str | None:
@@ -78,52 +87,95 @@ class Upstream:
 
 @dataclass(frozen=True)
 class Launch:
-    """How vLLM will be started: where the weights are, what it is given, which parsers."""
+    """How one vLLM will be started: where its weights are, what it is given, which parsers."""
 
+    model: ModelSettings
     location: Location
-    model: str
+    weights: str
     parsers: Choice
     argv: list[str]
 
 
-def plan_launch(settings: Settings, env: Mapping[str, str]) -> Launch:
-    """Locate the weights, pick the parsers and build the command (LocatorError,
-    SettingsError when that cannot work)."""
-    location = locate(settings.model_name, settings.model_path, settings.hf_home,
-                      settings.hub_caches)
-    model = link_for_vllm(location.model, settings.hf_home) if location.is_local \
-        else location.model
-    info = read_model_info(settings.model_label, location.model if location.is_local else None)
-    choice = choose(info, settings.enable_auto_tool_choice, settings.tool_call_parser,
-                    settings.reasoning_parser)
-    return Launch(location, model, choice, build_command(settings, model, count_gpus(env), choice))
+# Worker settings that vLLM would misread (it uses VLLM_PORT for its own internal ports)
+# or warn about, and secrets it has no use for: kept out of the child's environment.
+WORKER_ONLY = ("VLLM_PORT", "VLLM_PYTHON", "VLLM_EXTRA_ARGS", "VLLM_BASE_URL",
+               "VLLM_STARTUP_TIMEOUT", "LOCAL_API_KEY")
 
 
-def start_upstream(settings: Settings, env: Mapping[str, str]) -> Upstream:
-    """Locate, spawn and wait until healthy; StartupError (or LocatorError) otherwise."""
+def child_env(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in WORKER_ONLY}
+
+
+def plan_launch(settings: Settings, model: ModelSettings, env: Mapping[str, str]) -> Launch:
+    """Locate the weights, pick the parsers and build the command for one model
+    (LocatorError or SettingsError when that cannot work)."""
+    location = locate(model.name, model.path, settings.hf_home, settings.hub_caches)
+    weights = location.model
+    if location.is_local:
+        index = settings.models.index(model)
+        weights = link_for_vllm(location.model, settings.hf_home,
+                                "model" if index == 0 else f"model-{index + 1}")
+    info = read_model_info(model.label, location.model if location.is_local else None)
+    if info.generative:
+        choice = choose(info, settings.enable_auto_tool_choice, settings.tool_call_parser,
+                        settings.reasoning_parser)
+    else:
+        choice = Choice(None, None, (f"{model.label} does not generate text "
+                                     f"({', '.join(info.architectures)}): no parsers",))
+    limit = info.max_positions
+    if model.max_model_len_is_default and limit is not None and limit < model.max_model_len:
+        model = replace(model, max_model_len=limit)
+        choice = replace(choice, reasons=(*choice.reasons, f"context length {limit}: the "
+                                          f"longest {model.label} allows (MAX_MODEL_LEN unset)"))
+    argv = build_command(settings, model, weights, count_gpus(env), choice)
+    return Launch(model, location, weights, choice, argv)
+
+
+def start_upstreams(settings: Settings, env: Mapping[str, str]) -> list[Upstream]:
+    """Every model's vLLM started at once and healthy; StartupError (or LocatorError,
+    SettingsError) otherwise, with every child stopped."""
     if settings.vllm_base_url:
         log.info("VLLM_BASE_URL is set: using the vLLM server at %s", settings.upstream_url)
         took = wait_healthy(settings.upstream_url, settings.startup_timeout)
         log.info("vLLM at %s is healthy (%.1f s)", settings.upstream_url, took)
-        return Upstream(settings.upstream_url, settings.served_model_name)
-    launch = plan_launch(settings, env)
-    for step in launch.location.steps + launch.parsers.reasons:
-        log.info("%s", step)
-    argv = launch.argv
-    log.info("Starting vLLM as %s: %s", settings.served_model_name, show(argv, settings.secrets))
-    child = VllmChild(argv, env)
-    child.start()
+        target = Target(settings.served_model_name, settings.upstream_url)
+        return [Upstream(discover_routes(target))]
+    launches = [plan_launch(settings, model, env) for model in settings.models]
+    upstreams: list[Upstream] = []
     try:
-        took = wait_healthy(settings.upstream_url, settings.startup_timeout, child)
+        for launch in launches:
+            for step in launch.location.steps + launch.parsers.reasons:
+                log.info("%s", step)
+            log.info("Starting vLLM for %s: %s", launch.model.served_name,
+                     show(launch.argv, settings.secrets))
+            child = VllmChild(launch.argv, child_env(env))
+            upstreams.append(Upstream(Target(launch.model.served_name,
+                                             f"http://127.0.0.1:{launch.model.port}"), child))
+            child.start()
+        for upstream in upstreams:  # they load in parallel: waiting in turn costs nothing
+            took = wait_healthy(upstream.target.base_url, settings.startup_timeout,
+                                upstream.child)
+            upstream.target = discover_routes(upstream.target)
+            log.info("vLLM for %s is healthy after %.1f s", upstream.target.name, took)
     except BaseException:
-        child.stop(grace=5)
+        stop_all(upstreams, grace=5)
         raise
-    log.info("vLLM is healthy after %.1f s; taking jobs", took)
-    return Upstream(settings.upstream_url, settings.served_model_name, child)
+    log.info("Taking jobs")
+    return upstreams
 
 
-def run_startup(env: Mapping[str, str] = os.environ) -> tuple[Settings, Upstream]:
-    """Settings, logging and a healthy vLLM; on failure, log why and exit (2: settings, 1: else)."""
+def discover_routes(target: Target) -> Target:
+    """The routes this vLLM serves (it mounts only those its model supports)."""
+    try:
+        paths = httpx.get(f"{target.base_url}/openapi.json", timeout=10).json()["paths"]
+        return replace(target, routes=frozenset(paths))
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        log.warning("Could not read %s/openapi.json: every route is tried", target.base_url)
+        return target
+
+
+def run_startup(env: Mapping[str, str] = os.environ) -> tuple[Settings, list[Upstream]]:
+    """Settings, logging and healthy vLLMs; on failure, log why and exit (2: settings, 1: else)."""
     try:
         settings = load(env)
     except SettingsError as exc:
@@ -132,25 +184,41 @@ def run_startup(env: Mapping[str, str] = os.environ) -> tuple[Settings, Upstream
         sys.exit(2)
     setup_logging(settings.secrets)
     try:
-        return settings, start_upstream(settings, env)
+        return settings, start_upstreams(settings, env)
     except (LocatorError, StartupError, SettingsError) as exc:
         log.error("Start-up failed: %s", exc)
         sys.exit(1)
 
 
-def make_proxy(settings: Settings, upstream: Upstream) -> Proxy:
+def make_proxy(settings: Settings, upstreams: Sequence[Upstream]) -> Proxy:
     pacing = Pacing(settings.stream_flush_interval, settings.min_batch_size,
                     settings.max_batch_size, settings.batch_size_growth_factor or 3.0)
-    return Proxy(upstream.base_url, upstream.served_model, settings.request_timeout, pacing,
-                 settings.default_max_tokens, upstream.exit_reason)
+
+    def exit_reason(timeout: float) -> str | None:
+        reasons = [u.exit_reason(timeout) for u in upstreams]
+        return "; ".join(f"for {u.target.name} {r}" for u, r in zip(upstreams, reasons, strict=True)
+                         if r) or None
+
+    return Proxy([u.target for u in upstreams], settings.request_timeout, pacing,
+                 settings.default_max_tokens, exit_reason)
+
+
+def stop_all(upstreams: Sequence[Upstream], grace: float = 10) -> None:
+    """Stop every child at once (each gets the same grace period, not one after another)."""
+    stoppers = [threading.Thread(target=u.stop, args=(grace,)) for u in upstreams]
+    for stopper in stoppers:
+        stopper.start()
+    for stopper in stoppers:
+        stopper.join()
 
 
 class Supervision:
     """Reacts to the child's death and to stop signals; see the module docstring."""
 
-    def __init__(self, upstream: Upstream, proxy: Proxy, jobs_in_progress: Callable[[], int],
-                 grace: float, exit_process: Callable[[int], None] = os._exit) -> None:
-        self.upstream = upstream
+    def __init__(self, upstreams: Sequence[Upstream], proxy: Proxy,
+                 jobs_in_progress: Callable[[], int], grace: float,
+                 exit_process: Callable[[int], None] = os._exit) -> None:
+        self.upstreams = list(upstreams)
         self.proxy = proxy
         self.jobs_in_progress = jobs_in_progress
         self.grace = grace
@@ -158,19 +226,20 @@ class Supervision:
         self._ending = threading.Lock()
 
     def watch(self) -> None:
-        """Start the thread that notices vLLM's death."""
-        if self.upstream.child is not None:
-            threading.Thread(target=self._watch, name="vllm-watch", daemon=True).start()
+        """Start a thread per child that notices its death."""
+        for upstream in self.upstreams:
+            if upstream.child is not None:
+                threading.Thread(target=self._watch, args=(upstream.target.name, upstream.child),
+                                 name="vllm-watch", daemon=True).start()
 
-    def _watch(self) -> None:
-        assert self.upstream.child is not None
-        reason = self.upstream.child.wait()
-        if self.upstream.child.stopping:
+    def _watch(self, name: str, child: VllmChild) -> None:
+        reason = child.wait()
+        if child.stopping:
             return
-        tail = "\n".join(f"  {line}" for line in self.upstream.child.tail()[-25:])
-        log.error("vLLM %s while serving; refusing new jobs and exiting. Its last lines:\n%s",
-                  reason, tail)
-        self.proxy.refusal = f"vLLM {reason}; the worker is restarting"
+        tail = "\n".join(f"  {line}" for line in child.tail()[-25:])
+        log.error("vLLM for %s %s while serving; refusing new jobs and exiting. "
+                  "Its last lines:\n%s", name, reason, tail)
+        self.proxy.refusal = f"vLLM for {name} {reason}; the worker is restarting"
         self._end(DEATH_DRAIN_SECONDS, 1)
 
     def on_signal(self, signum: int) -> None:
@@ -188,7 +257,7 @@ class Supervision:
         if self.jobs_in_progress() > 0:
             log.warning("%d job(s) still running after %g s: stopping anyway",
                         self.jobs_in_progress(), drain_seconds)
-        self.upstream.stop()
+        stop_all(self.upstreams)
         # os._exit skips the atexit hook that ends the SDK's heartbeat process: end it here,
         # or it outlives the worker and keeps telling the platform the worker is alive.
         for helper in multiprocessing.active_children():

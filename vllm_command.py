@@ -15,30 +15,35 @@ import shlex
 from collections.abc import Mapping, Sequence
 
 from parsers import Choice
-from settings import Settings
+from settings import ModelSettings, Settings
 
 _SECRET_FLAG = re.compile(r"^--?[\w-]*(key|token|secret|password)[\w-]*$", re.IGNORECASE)
 MASK = "***"
 
 
-def build_command(settings: Settings, model: str, gpu_count: int,
+def build_command(settings: Settings, model: ModelSettings, weights: str, gpu_count: int,
                   parsers: Choice | None = None) -> list[str]:
-    """argv for vLLM's OpenAI server serving `model` on loopback, with the chosen parsers."""
+    """argv for a vLLM OpenAI server serving `weights` as `model` on loopback."""
     if settings.use_vllm_serve:
-        argv = ["vllm", "serve", model]
+        argv = ["vllm", "serve", weights]
     else:
-        argv = [settings.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+        argv = [settings.vllm_python, "-m", "vllm.entrypoints.openai.api_server",
+                "--model", weights]
     argv += [
         "--host", "127.0.0.1",
-        "--port", str(settings.vllm_port),
-        "--served-model-name", settings.served_model_name,
-        "--gpu-memory-utilization", f"{settings.gpu_memory_utilization:g}",
-        "--max-model-len", str(settings.max_model_len),
+        "--port", str(model.port),
+        "--served-model-name", model.served_name,
+        "--gpu-memory-utilization", f"{model.gpu_memory_utilization:g}",
+        "--max-model-len", str(model.max_model_len),
         "--dtype", settings.dtype,
     ]
     tensor_parallel = settings.tensor_parallel_size or (gpu_count if gpu_count > 1 else None)
     if tensor_parallel:
         argv += ["--tensor-parallel-size", str(tensor_parallel)]
+    if model.runner:
+        argv += ["--runner", model.runner]
+    if model.convert:
+        argv += ["--convert", model.convert]
     if parsers is not None and parsers.tool_parser:
         argv += ["--enable-auto-tool-choice", "--tool-call-parser", parsers.tool_parser]
     if parsers is not None and parsers.reasoning_parser:

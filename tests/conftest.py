@@ -19,6 +19,7 @@ from pytest_httpserver import HTTPServer
 import handler
 from proxy import Proxy
 from relay import Pacing
+from routes import Target
 from supervisor import group_members
 from support import SERVED
 
@@ -42,7 +43,7 @@ def fake_vllm(fake_vllm_server: HTTPServer) -> Iterator[HTTPServer]:
 @pytest.fixture
 def proxy(fake_vllm: HTTPServer) -> Iterator[Proxy]:
     """The handler's proxy, pointed at the fake vLLM."""
-    made = handler.configure(Proxy(fake_vllm.url_for("/").rstrip("/"), SERVED,
+    made = handler.configure(Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")),
                                    request_timeout=5, pacing=Pacing(0)))
     yield made
     handler.configure(None)  # type: ignore[arg-type]

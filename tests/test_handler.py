@@ -17,7 +17,7 @@ from werkzeug import Request, Response
 import handler
 from proxy import Proxy
 from relay import Pacing
-from routes import ALIASES, UPSTREAM_ROUTES
+from routes import ALIASES, UPSTREAM_ROUTES, Target
 from support import SERVED, job_error, run_job, sse
 
 CHAT_BODY = {"id": "chatcmpl-1", "object": "chat.completion",
@@ -187,7 +187,7 @@ def test_unreachable_vllm_is_a_503() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proxy = handler.configure(Proxy(f"http://127.0.0.1:{port}", SERVED, request_timeout=5))
+    proxy = handler.configure(Proxy(Target(SERVED, f"http://127.0.0.1:{port}"), request_timeout=5))
     error = job_error(run_job(proxy, {"messages": []}))
     assert error["code"] == 503 and "not reachable" in error["message"]
 
@@ -262,7 +262,7 @@ def test_silent_vllm_times_out_with_504_naming_the_setting(fake_vllm: HTTPServer
         return Response("{}", content_type="application/json")
 
     fake_vllm.expect_request("/v1/chat/completions").respond_with_handler(hang)
-    proxy = handler.configure(Proxy(fake_vllm.url_for("/").rstrip("/"), SERVED,
+    proxy = handler.configure(Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")),
                                     request_timeout=0.3))
     try:
         error = job_error(run_job(proxy, {"messages": []}))
@@ -279,7 +279,7 @@ def test_a_long_but_live_stream_is_not_cut_by_the_request_timeout(fake_vllm: HTT
 
     fake_vllm.expect_request("/v1/chat/completions").respond_with_response(
         Response(slow(), content_type="text/event-stream"))
-    proxy = handler.configure(Proxy(fake_vllm.url_for("/").rstrip("/"), SERVED,
+    proxy = handler.configure(Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")),
                                     request_timeout=0.5, pacing=Pacing(0)))
     items = run_job(proxy, {"messages": [], "stream": True})
     assert "".join(items) == "".join(f"data: {i}\n\n" for i in range(8))
@@ -345,7 +345,7 @@ def test_when_vllm_died_the_connection_error_is_a_503(fake_vllm: HTTPServer) -> 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proxy = handler.configure(Proxy(f"http://127.0.0.1:{port}", SERVED,
+    proxy = handler.configure(Proxy(Target(SERVED, f"http://127.0.0.1:{port}"),
                                     upstream_exit=lambda timeout: "killed by SIGKILL"))
     error = job_error(run_job(proxy, {"messages": []}))
     assert error["code"] == 503 and "killed by SIGKILL" in error["message"]
@@ -355,3 +355,83 @@ def test_handler_is_an_async_generator_function_the_sdk_detects() -> None:
     import inspect
 
     assert inspect.isasyncgenfunction(handler.handler)
+
+
+def two_models(fake_vllm: HTTPServer, embed_routes: frozenset[str] | None = None) -> Proxy:
+    """A chat model and an embedding model, each on its own (path-prefixed) fake vLLM."""
+    base = fake_vllm.url_for("/").rstrip("/")
+    embed = embed_routes or frozenset({"/v1/embeddings", "/rerank", "/score", "/v1/models"})
+    return handler.configure(Proxy([Target("chat", f"{base}/chat"),
+                                    Target("embed", f"{base}/embed", embed)],
+                                   request_timeout=5, pacing=Pacing(0)))
+
+
+def test_the_jobs_model_picks_the_vllm_and_the_first_is_the_default(
+        fake_vllm: HTTPServer) -> None:
+    proxy = two_models(fake_vllm)
+    fake_vllm.expect_request("/chat/v1/chat/completions").respond_with_json({"who": "chat"})
+    fake_vllm.expect_request("/embed/v1/embeddings").respond_with_json({"who": "embed"})
+    assert run_job(proxy, {"messages": []}) == [{"who": "chat"}]
+    assert run_job(proxy, {"openai_route": "/v1/embeddings",
+                           "openai_input": {"model": "embed", "input": "x"}}) == [{"who": "embed"}]
+    assert [json.loads(r.data)["model"] for r, _ in fake_vllm.log] == ["chat", "embed"]
+
+
+def test_an_unknown_model_is_a_404_listing_the_served_ones(fake_vllm: HTTPServer) -> None:
+    proxy = two_models(fake_vllm)
+    error = job_error(run_job(proxy, {"messages": [], "model": "gpt-4"}))
+    assert error["code"] == 404 and error["message"] == (
+        "The model `gpt-4` is not served here; served models: chat, embed.")
+    assert fake_vllm.log == []
+
+
+def test_models_lists_every_served_model(fake_vllm: HTTPServer) -> None:
+    proxy = two_models(fake_vllm)
+    for name in ("chat", "embed"):
+        fake_vllm.expect_request(f"/{name}/v1/models", method="GET").respond_with_json(
+            {"object": "list", "data": [{"id": name, "object": "model"}]})
+    answer = run_job(proxy, {"openai_route": "/v1/models"})
+    assert answer == [{"object": "list", "data": [{"id": "chat", "object": "model"},
+                                                  {"id": "embed", "object": "model"}]}]
+
+
+def test_plain_input_is_embeddings_for_an_embedding_model_and_responses_otherwise(
+        fake_vllm: HTTPServer) -> None:
+    proxy = two_models(fake_vllm)
+    fake_vllm.expect_request("/embed/v1/embeddings").respond_with_json({"object": "list"})
+    fake_vllm.expect_request("/chat/v1/responses").respond_with_json({"object": "response"})
+    assert run_job(proxy, {"input": ["a", "b"], "model": "embed"}) == [{"object": "list"}]
+    assert run_job(proxy, {"input": "hi"}) == [{"object": "response"}]
+    assert json.loads(fake_vllm.log[0][0].data) == {"model": "embed", "input": ["a", "b"]}
+
+
+RERANKED = {"id": "score-1", "model": "embed", "usage": {"prompt_tokens": 9, "total_tokens": 9},
+            "results": [{"index": 1, "document": {"text": "Paris."}, "relevance_score": 0.9},
+                        {"index": 0, "document": {"text": "Bananas."}, "relevance_score": 0.1}]}
+
+
+@pytest.mark.parametrize("return_docs", [True, False])
+def test_the_embedding_workers_rerank_shape_is_answered_in_their_shape(
+        fake_vllm: HTTPServer, return_docs: bool) -> None:
+    proxy = two_models(fake_vllm)
+    fake_vllm.expect_request("/embed/rerank").respond_with_json(RERANKED)
+    answer = run_job(proxy, {"model": "embed", "query": "capital of France?",
+                             "docs": ["Bananas.", "Paris."], "return_docs": return_docs})
+    results = [{"relevance_score": 0.1, "index": 0}, {"relevance_score": 0.9, "index": 1}]
+    if return_docs:
+        results[0]["document"], results[1]["document"] = "Bananas.", "Paris."
+    assert answer == [{"model": "embed", "results": results,
+                       "usage": {"prompt_tokens": 9, "total_tokens": 9}}]
+    assert json.loads(fake_vllm.log[0][0].data) == {
+        "model": "embed", "query": "capital of France?", "documents": ["Bananas.", "Paris."]}
+
+
+def test_a_route_the_models_vllm_lacks_is_a_404_naming_what_it_serves(
+        fake_vllm: HTTPServer) -> None:
+    proxy = two_models(fake_vllm)
+    error = job_error(run_job(proxy, {"model": "embed", "messages": []}))
+    assert error["code"] == 404
+    assert error["message"] == ("embed (an embedding or scoring model) does not serve "
+                                "/v1/chat/completions; it serves: /rerank, /score, "
+                                "/v1/embeddings, /v1/models.")
+    assert fake_vllm.log == []

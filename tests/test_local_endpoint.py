@@ -20,6 +20,7 @@ import handler
 from local_endpoint import Jobs, build_app
 from proxy import Proxy
 from relay import Pacing
+from routes import Target
 from support import SERVED
 
 
@@ -34,7 +35,7 @@ class Endpoint:
 
     def __init__(self, fake_vllm: HTTPServer, max_concurrency: int = 4,
                  api_key: str | None = None, max_body: int = 1 << 20) -> None:
-        self.proxy = Proxy(fake_vllm.url_for("/").rstrip("/"), SERVED, request_timeout=5,
+        self.proxy = Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")), request_timeout=5,
                            pacing=Pacing(0))
         self.jobs: Jobs | None = None
         self.max_concurrency, self.api_key, self.max_body = max_concurrency, api_key, max_body

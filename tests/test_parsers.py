@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, real_vllm_python
-from parsers import FAMILIES, ModelInfo, choose, identify, read_model_info
+from model_info import ModelInfo, read_model_info
+from parsers import FAMILIES, choose, identify
 from settings import SettingsError
 
 QWEN_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}{% endfor %}<tool_call>"

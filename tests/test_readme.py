@@ -4,23 +4,13 @@ endpoint (the deployed URL swapped for the local one, as the README says to do).
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
 from collections.abc import Callable
 
 import pytest
 
-from conftest import REPO, RealEndpoint
-
-EXAMPLE = re.compile(r"^```(\w+) example=([\w-]+)\n(.*?)^```$", re.M | re.S)
-DEPLOYED = "https://api.runpod.ai/v2/"
-
-
-def examples() -> dict[str, tuple[str, str]]:
-    text = (REPO / "README.md").read_text()
-    return {name: (language, code) for language, name, code in EXAMPLE.findall(text)}
+from conftest import RealEndpoint
+from support import readme_examples, run_readme_example
+from test_e2e_models import EMBEDDING_EXAMPLES
 
 
 def chat_completion(out: str) -> None:
@@ -53,19 +43,10 @@ CHECKS: dict[str, Callable[[str], None]] = {
 
 
 def test_every_readme_example_is_checked() -> None:
-    assert set(examples()) == set(CHECKS)
+    assert set(readme_examples()) == set(CHECKS) | set(EMBEDDING_EXAMPLES)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_readme_example_runs_against_the_local_endpoint(real_endpoint: RealEndpoint,
                                                         name: str) -> None:
-    language, code = examples()[name]
-    local_base = real_endpoint.url.removesuffix("/local") + "/"
-    code = code.replace(DEPLOYED, local_base)
-    command = ["bash", "-euo", "pipefail", "-c", code] if language == "sh" \
-        else [sys.executable, "-c", code]
-    env = {**os.environ, "ENDPOINT_ID": "local", "RUNPOD_API_KEY": real_endpoint.api_key,
-           "RUNPOD_ENDPOINT_BASE_URL": local_base.rstrip("/")}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    CHECKS[name](done.stdout)
+    CHECKS[name](run_readme_example(name, real_endpoint.url, real_endpoint.api_key))

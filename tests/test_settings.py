@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from settings import DEFAULTS, SettingsError, load
@@ -11,8 +13,10 @@ def test_defaults_match_the_documented_table() -> None:
     settings = load({})
     assert settings.model_name == DEFAULTS["MODEL_NAME"] == "openai/gpt-oss-120b"
     assert settings.hf_home == "/runpod-volume/huggingface"
-    assert settings.gpu_memory_utilization == 0.95
-    assert settings.max_model_len == 8192
+    (model,) = settings.models
+    assert model.gpu_memory_utilization == 0.95 and model.port == 8000
+    assert model.max_model_len == 8192 and model.max_model_len_is_default
+    assert (model.runner, model.convert) == (None, None)
     assert settings.dtype == "bfloat16"
     assert settings.vllm_port == 8000
     assert settings.use_vllm_serve is False
@@ -24,7 +28,7 @@ def test_defaults_match_the_documented_table() -> None:
 
 
 def test_empty_values_count_as_unset() -> None:
-    assert load({"MAX_MODEL_LEN": "", "MODEL_NAME": "  "}).max_model_len == 8192
+    assert load({"MAX_MODEL_LEN": "", "MODEL_NAME": "  "}).models[0].max_model_len == 8192
     assert load({"MODEL_NAME": ""}).model_name == "openai/gpt-oss-120b"
 
 
@@ -61,6 +65,32 @@ def test_values_are_parsed() -> None:
     assert settings.tensor_parallel_size == 2
     assert "/cache/hub" in settings.hub_caches
     assert settings.upstream_url == "http://10.0.0.2:9000"
+
+
+def test_several_models_share_the_gpu_and_get_consecutive_ports() -> None:
+    settings = load({"MODEL_NAMES": " Qwen/Qwen3-8B ; BAAI/bge-m3 ;", "VLLM_PORT": "8100"})
+    assert [m.name for m in settings.models] == ["Qwen/Qwen3-8B", "BAAI/bge-m3"]
+    assert [m.served_name for m in settings.models] == ["Qwen/Qwen3-8B", "BAAI/bge-m3"]
+    assert [m.port for m in settings.models] == [8100, 8101]
+    assert [m.gpu_memory_utilization for m in settings.models] == [0.475, 0.475]
+    listed = load({"MODEL_NAMES": "a/x;b/y", "GPU_MEMORY_UTILIZATION": "0.7;0.2",
+                   "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "chat;embed"})
+    assert [m.gpu_memory_utilization for m in listed.models] == [0.7, 0.2]
+    assert [m.served_name for m in listed.models] == ["chat", "embed"]
+
+
+@pytest.mark.parametrize(("env", "words"), [
+    ({"MODEL_NAMES": "a/x;b/y", "GPU_MEMORY_UTILIZATION": "0.7;0.5"}, "add up to more than 1"),
+    ({"MODEL_NAMES": "a/x;b/y", "MAX_MODEL_LEN": "1;2;3"}, "3 values for 2 models"),
+    ({"MODEL_NAMES": "a/x;b/y", "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "one"}, "one per model"),
+    ({"MODEL_NAMES": "a/x;a/x"}, "the same name"),
+    ({"MODEL_NAMES": "a/x;b/y", "MODEL_PATH": "/m"}, "MODEL_PATH serves one model"),
+    ({"MODEL_NAMES": "a/x;b/y", "VLLM_BASE_URL": "http://h:1"}, "cannot be combined"),
+    ({"MODEL_NAMES": "a/x;b/y", "RUNNER": "a;b;c"}, "RUNNER has 3 values"),
+])
+def test_bad_model_lists_fail_naming_the_variable(env: dict[str, str], words: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(words)):
+        load(env)
 
 
 def test_tool_settings_tell_unset_from_switched_off() -> None:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from parsers import Choice
-from settings import load
+from settings import Settings, load
 from vllm_command import build_command, count_gpus, mask_argv, show
 
 
+def command(settings: Settings, weights: str, gpus: int, parsers: Choice | None = None,
+            model: int = 0) -> list[str]:
+    return build_command(settings, settings.models[model], weights, gpus, parsers)
+
+
 def test_legacy_form_runs_the_api_server_module_with_vllm_python() -> None:
-    argv = build_command(load({"VLLM_PYTHON": "/opt/vllm/bin/python"}), "/hf/model", 1)
+    argv = command(load({"VLLM_PYTHON": "/opt/vllm/bin/python"}), "/hf/model", 1)
     assert argv[:5] == ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server",
                         "--model", "/hf/model"]
     flags = dict(zip(argv[5::2], argv[6::2], strict=False))
@@ -22,7 +27,7 @@ def test_serve_form_and_optional_flags() -> None:
     settings = load({"USE_VLLM_SERVE": "true",
                      "VLLM_EXTRA_ARGS": "--max-num-seqs 64 --enforce-eager",
                      "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "gpt-oss"})
-    argv = build_command(settings, "/hf/model", 4, Choice("openai", "openai_gptoss", ()))
+    argv = command(settings, "/hf/model", 4, Choice("openai", "openai_gptoss", ()))
     assert argv[:3] == ["vllm", "serve", "/hf/model"]
     assert argv[argv.index("--tensor-parallel-size") + 1] == "4"
     assert "--enable-auto-tool-choice" in argv
@@ -33,14 +38,14 @@ def test_serve_form_and_optional_flags() -> None:
 
 
 def test_parsers_left_off_add_no_flag() -> None:
-    argv = build_command(load({}), "m", 1, Choice(None, None, ()))
+    argv = command(load({}), "m", 1, Choice(None, None, ()))
     assert not [a for a in argv if "parser" in a or "tool" in a]
 
 
 def test_tensor_parallel_defaults_to_every_visible_gpu_and_can_be_set() -> None:
-    assert "--tensor-parallel-size" not in build_command(load({}), "m", 1)
-    assert "--tensor-parallel-size" not in build_command(load({}), "m", 0)
-    argv = build_command(load({"TENSOR_PARALLEL_SIZE": "2"}), "m", 8)
+    assert "--tensor-parallel-size" not in command(load({}), "m", 1)
+    assert "--tensor-parallel-size" not in command(load({}), "m", 0)
+    argv = command(load({"TENSOR_PARALLEL_SIZE": "2"}), "m", 8)
     assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
 
 
@@ -52,15 +57,29 @@ def test_gpus_are_counted_from_cuda_visible_devices() -> None:
 
 def test_no_secret_is_ever_put_on_the_command_line() -> None:
     env = {"HF_TOKEN": "hf_secretvalue", "MODEL_NAME": "meta-llama/Llama-3.1-8B-Instruct"}
-    assert "hf_secretvalue" not in " ".join(build_command(load(env), "m", 1))
+    assert "hf_secretvalue" not in " ".join(command(load(env), "m", 1))
 
 
 def test_secrets_in_extra_args_are_masked_when_shown() -> None:
     settings = load({"VLLM_EXTRA_ARGS": "--api-key sk-live-1234 --hf-token=hf_abcdef --seed 3",
                      "OTHER_SECRET": "topsecret99"})
-    argv = build_command(settings, "m", 1) + ["--note", "uses topsecret99"]
+    argv = command(settings, "m", 1) + ["--note", "uses topsecret99"]
     shown = show(argv, settings.secrets)
     assert "sk-live-1234" not in shown and "hf_abcdef" not in shown
     assert "topsecret99" not in shown
     assert "--api-key '***'" in shown and "'--hf-token=***'" in shown and "--seed 3" in shown
     assert mask_argv(["--api-key"]) == ["--api-key"]
+
+
+def test_each_model_gets_its_port_name_share_and_flags() -> None:
+    settings = load({"MODEL_NAMES": "org/chat;org/embed", "VLLM_PORT": "9000",
+                     "GPU_MEMORY_UTILIZATION": "0.6;0.3", "MAX_MODEL_LEN": "4096;512",
+                     "RUNNER": "auto;pooling", "CONVERT": "auto;embed"})
+    chat, embed = command(settings, "/a", 1), command(settings, "/b", 1, model=1)
+    flags = [dict(zip(argv[5::2], argv[6::2], strict=False)) for argv in (chat, embed)]
+    assert [f["--port"] for f in flags] == ["9000", "9001"]
+    assert [f["--served-model-name"] for f in flags] == ["org/chat", "org/embed"]
+    assert [f["--gpu-memory-utilization"] for f in flags] == ["0.6", "0.3"]
+    assert [f["--max-model-len"] for f in flags] == ["4096", "512"]
+    assert "--runner" not in chat and embed[embed.index("--runner") + 1] == "pooling"
+    assert embed[embed.index("--convert") + 1] == "embed"
