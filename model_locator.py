@@ -165,14 +165,17 @@ def locate(model_name: str, model_path: str | None, hf_home: str,
     return Location(model_name, False, tuple(steps))
 
 
-def link_for_vllm(target: str, hf_home: str, name: str = "model") -> str:
+def link_for_vllm(target: str, hf_home: str, served_name: str) -> str:
     """A stable path to give vLLM instead of a cache path it could mistake for a repo id.
 
-    `{HF_HOME}/{name}` becomes a symlink to `target`; when HF_HOME is read-only (or
-    already holds a real folder of that name that is not the target) a private
-    temp folder is used instead.
+    `{HF_HOME}/.links/{served name}` becomes a symlink to `target`: one link per
+    model name, because a network volume is often shared by endpoints serving
+    different models, and one shared `{HF_HOME}/model` link would be repointed
+    under a vLLM still loading from it. When HF_HOME is read-only (or holds a
+    real folder there) a private temp folder is used instead.
     """
-    link = Path(hf_home) / name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "--", served_name).strip(".") or "model"
+    link = Path(hf_home) / ".links" / name
     if link.resolve() == Path(target).resolve():
         return str(link) if link.is_symlink() else target
     if not (link.exists() and not link.is_symlink()):

@@ -7,9 +7,10 @@ OpenWebUI sends its built-in tools with every chat; a vLLM started without
 them from `FAMILIES` below, matching the model's name, its `config.json`
 `model_type`, and, for Hermes-style tool calls, its chat template.
 
-Rules: an explicit value always wins; an explicitly empty value (or `false`)
-turns the feature off; an unknown family gets no parser, and the start-up log
-says so once, naming the variables to set. A test checks that every parser
+Rules: an explicit value always wins; `false`/`off` turns the feature off (an
+empty value means automatic: a blank Hub form field arrives empty); an unknown
+family gets no parser, and the start-up log says so once, naming the variables
+to set. A test checks that every parser
 named here exists in the vLLM version the project runs.
 """
 
@@ -111,7 +112,7 @@ def identify(info: ModelInfo) -> Family | None:
 
 def choose(info: ModelInfo, enable_auto_tool_choice: bool | None, tool_call_parser: str | None,
            reasoning_parser: str | None) -> Choice:
-    """Apply the rules in the module docstring (None = unset, "" = explicitly off)."""
+    """Apply the rules in the module docstring (None = automatic, "" = explicitly off)."""
     family = identify(info)
     known = f"{info.name} looks like {family.name}" if family else None
     reasons: list[str] = []

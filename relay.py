@@ -7,8 +7,10 @@ Invariants (tests hold us to each):
 - the first event is yielded the moment it arrives;
 - after that, whatever arrives while the consumer (the platform's stream POST)
   is busy is coalesced into the next yield, and yields are at most one per
-  `flush_interval`: an event waits at most the consumer's own time plus that
-  interval, and a stream of duration D costs at most D / interval + 2 yields;
+  `flush_interval`, counted from one yield to the next (the consumer's time is
+  part of the interval, not added to it): an event waits at most the longer of
+  the consumer's own time and that interval, and a stream of duration D costs
+  at most D / interval + 2 yields;
 - the worker-vllm batch knobs (`min_batch_size`, growing by
   `batch_size_growth_factor` up to `max_batch_size`) keep their meaning for
   those who set them: once that many events are waiting they go out without
@@ -124,8 +126,8 @@ class StreamRelay:
                 if end:
                     text = self._buffer[:end].decode("utf-8", errors="replace")
                     del self._buffer[:end]
+                    last_yield = loop.time()  # before the consumer runs: see the docstring
                     yield text
-                    last_yield = loop.time()
                     target = self._pacing.next_target(target)
                 if self._finished.is_set() and event_end(self._buffer) == 0:
                     self.leftover = bytes(self._buffer)

@@ -5,7 +5,8 @@ mapping (tests pass plain dicts), applies the defaults below, and raises
 `SettingsError` with a sentence naming the variable when a value is invalid,
 before anything is spawned. Unset optional vLLM settings stay `None` so that
 vLLM's own defaults apply; for the tool-calling and reasoning settings, None
-means "pick for the model" (parsers.py) and "" or False means "off".
+(unset, empty or `auto`) means "pick for the model" (parsers.py) and "" or
+False (`false`, `off`, `none`) means "off".
 """
 
 from __future__ import annotations
@@ -155,10 +156,24 @@ def _bool(env: Mapping[str, str], name: str) -> bool | None:
     raise SettingsError(f"{name}={raw!r} is not valid: it must be true or false.")
 
 
-def _switched_off(env: Mapping[str, str], name: str) -> bool:
-    """Set, but empty or a word for "off": the feature is turned off, not left to automatic."""
-    raw = env.get(name)
-    return raw is not None and raw.strip().lower() in {"", "false", "off", "none", "0"}
+_OFF = {"false", "off", "none", "0"}
+
+
+def _parser(env: Mapping[str, str], name: str) -> str | None:
+    """A parser name; None (unset, empty or `auto`) picks one for the model; "" (`off`,
+    `false`, `none`) turns the feature off. Empty is not "off": a Hub form field left
+    blank arrives empty, and must not silently turn tool calling off."""
+    raw = (env.get(name) or "").strip()
+    if raw.lower() in {"", "auto"}:
+        return None
+    return "" if raw.lower() in _OFF else raw
+
+
+def _switch(env: Mapping[str, str], name: str) -> bool | None:
+    """True/False when set, None when unset, empty or `auto`."""
+    if (env.get(name) or "").strip().lower() == "auto":
+        return None
+    return _bool(env, name)
 
 
 def secret_values(env: Mapping[str, str]) -> tuple[str, ...]:
@@ -243,8 +258,7 @@ def load(env: Mapping[str, str]) -> Settings:
                    lambda v: 0 < v < 65536)
     growth = _number(env, "DEFAULT_BATCH_SIZE_GROWTH_FACTOR", float, "a number of at least 1",
                      lambda v: 1 <= v < float("inf"))
-    tool_choice = False if _switched_off(env, "ENABLE_AUTO_TOOL_CHOICE") \
-        else _bool(env, "ENABLE_AUTO_TOOL_CHOICE")
+    tool_choice = _switch(env, "ENABLE_AUTO_TOOL_CHOICE")
     extra = _value(env, "VLLM_EXTRA_ARGS") or ""
     try:
         extra_args = tuple(shlex.split(extra))
@@ -270,10 +284,8 @@ def load(env: Mapping[str, str]) -> Settings:
         vllm_python=_value(env, "VLLM_PYTHON"),
         tensor_parallel_size=_positive_int(env, "TENSOR_PARALLEL_SIZE"),
         enable_auto_tool_choice=tool_choice,
-        tool_call_parser="" if _switched_off(env, "TOOL_CALL_PARSER")
-        else _value(env, "TOOL_CALL_PARSER"),
-        reasoning_parser="" if _switched_off(env, "REASONING_PARSER")
-        else _value(env, "REASONING_PARSER"),
+        tool_call_parser=_parser(env, "TOOL_CALL_PARSER"),
+        reasoning_parser=_parser(env, "REASONING_PARSER"),
         vllm_extra_args=extra_args,
         vllm_base_url=base_url,
         max_concurrency=_positive_int(env, "MAX_CONCURRENCY"),

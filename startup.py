@@ -112,9 +112,7 @@ def plan_launch(settings: Settings, model: ModelSettings, env: Mapping[str, str]
     location = locate(model.name, model.path, settings.hf_home, settings.hub_caches)
     weights = location.model
     if location.is_local:
-        index = settings.models.index(model)
-        weights = link_for_vllm(location.model, settings.hf_home,
-                                "model" if index == 0 else f"model-{index + 1}")
+        weights = link_for_vllm(location.model, settings.hf_home, model.served_name)
     info = read_model_info(model.label, location.model if location.is_local else None)
     if info.generative:
         choice = choose(info, settings.enable_auto_tool_choice, settings.tool_call_parser,

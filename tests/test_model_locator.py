@@ -169,13 +169,22 @@ def test_a_thousand_cached_models_are_searched_quickly(tmp_path: Path) -> None:
     assert time.perf_counter() - started < 1.0
 
 
-def test_vllm_gets_a_symlink_in_hf_home(tmp_path: Path) -> None:
+def test_vllm_gets_a_symlink_in_hf_home_named_after_the_model(tmp_path: Path) -> None:
     target = model_folder(tmp_path / "hf" / "hub" / "models--a--b" / "snapshots" / "abc")
-    link = link_for_vllm(str(target), str(tmp_path / "hf"))
-    assert link == str(tmp_path / "hf" / "model")
+    link = link_for_vllm(str(target), str(tmp_path / "hf"), "a/b")
+    assert link == str(tmp_path / "hf" / ".links" / "a--b")
     assert os.path.realpath(link) == str(target)
     other = model_folder(tmp_path / "elsewhere")
-    assert os.path.realpath(link_for_vllm(str(other), str(tmp_path / "hf"))) == str(other)
+    assert os.path.realpath(link_for_vllm(str(other), str(tmp_path / "hf"), "a/b")) == str(other)
+
+
+def test_endpoints_sharing_a_volume_do_not_repoint_each_others_link(tmp_path: Path) -> None:
+    first = model_folder(tmp_path / "one")
+    second = model_folder(tmp_path / "two")
+    link_one = link_for_vllm(str(first), str(tmp_path / "hf"), "org/one")
+    link_two = link_for_vllm(str(second), str(tmp_path / "hf"), "org/two")
+    assert os.path.realpath(link_one) == str(first)
+    assert os.path.realpath(link_two) == str(second)
 
 
 def test_an_unwritable_hf_home_gets_a_temporary_link(tmp_path: Path) -> None:
@@ -184,16 +193,16 @@ def test_an_unwritable_hf_home_gets_a_temporary_link(tmp_path: Path) -> None:
     blocker.write_text("")
     home = blocker / "huggingface"
     target = model_folder(tmp_path / "weights")
-    link = link_for_vllm(str(target), str(home))
+    link = link_for_vllm(str(target), str(home), "m")
     assert not link.startswith(str(blocker))
     assert os.path.realpath(link) == str(target)
 
 
 def test_a_real_model_folder_in_hf_home_is_never_replaced(tmp_path: Path) -> None:
     home = tmp_path / "hf"
-    real = model_folder(home / "model")
+    real = model_folder(home / ".links" / "m")
     target = model_folder(tmp_path / "weights")
-    link = link_for_vllm(str(target), str(home))
+    link = link_for_vllm(str(target), str(home), "m")
     assert not link.startswith(str(home)) and os.path.realpath(link) == str(target)
     assert (real / "config.json").is_file() and not real.is_symlink()
-    assert link_for_vllm(str(real), str(home)) == str(real)
+    assert link_for_vllm(str(real), str(home), "m") == str(real)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
 from settings import DEFAULTS, SettingsError, load
+from test_vllm_command import setting_names
 
 
 def test_defaults_match_the_documented_table() -> None:
@@ -97,10 +99,14 @@ def test_tool_settings_tell_unset_from_switched_off() -> None:
     unset = load({})
     assert (unset.enable_auto_tool_choice, unset.tool_call_parser, unset.reasoning_parser) == (
         None, None, None)
-    off = load({"ENABLE_AUTO_TOOL_CHOICE": "", "TOOL_CALL_PARSER": " ",
-                "REASONING_PARSER": "false"})
+    off = load({"ENABLE_AUTO_TOOL_CHOICE": "false", "TOOL_CALL_PARSER": "off",
+                "REASONING_PARSER": "none"})
     assert (off.enable_auto_tool_choice, off.tool_call_parser, off.reasoning_parser) == (
         False, "", "")
+    auto = load({"ENABLE_AUTO_TOOL_CHOICE": "auto", "TOOL_CALL_PARSER": "",
+                 "REASONING_PARSER": " auto "})
+    assert (auto.enable_auto_tool_choice, auto.tool_call_parser, auto.reasoning_parser) == (
+        None, None, None)
     on = load({"ENABLE_AUTO_TOOL_CHOICE": "on", "TOOL_CALL_PARSER": "hermes"})
     assert (on.enable_auto_tool_choice, on.tool_call_parser) == (True, "hermes")
 
@@ -117,3 +123,22 @@ def test_secret_values_are_collected_for_masking() -> None:
     settings = load({"HF_TOKEN": "hf_abcdefgh", "MY_API_KEY": "sk-123456", "PATH": "/bin",
                      "SHORT_TOKEN": "ab"})
     assert set(settings.secrets) == {"hf_abcdefgh", "sk-123456"}
+
+
+def readme_settings_table() -> dict[str, str]:
+    """Variable -> default cell of the README's settings table."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("| Variable | Default | Meaning |"):].split("\n\n", 1)[0]
+    rows: dict[str, str] = {}
+    for line in table.splitlines()[2:]:
+        names, default = line.split("|")[1:3]
+        for name in re.findall(r"`([A-Z_]+)`", names):
+            rows[name] = default.strip()
+    return rows
+
+
+def test_the_readme_settings_table_lists_every_setting_with_the_codes_default() -> None:
+    documented = readme_settings_table()
+    assert set(setting_names()) - set(documented) == set(), "settings missing from the README"
+    for name, default in DEFAULTS.items():
+        assert documented[name] == f"`{default}`", name

@@ -31,7 +31,9 @@ def test_an_embedding_model_gets_no_parsers_and_its_own_context_length(tmp_path:
     assert embed.argv[embed.argv.index("--max-model-len") + 1] == "512"
     assert "--tool-call-parser" not in embed.argv and "--reasoning-parser" not in embed.argv
     assert any("does not generate text (BertModel)" in r for r in embed.parsers.reasons)
-    assert (chat.weights, embed.weights) == (str(home / "model"), str(home / "model-2"))
+    assert (chat.weights, embed.weights) == (
+        str(home / ".links" / "tiny-chat"),
+        str(home / ".links" / "sentence-transformers--all-MiniLM-L6-v2"))
     assert os.path.realpath(embed.weights) == str(home / "all-MiniLM-L6-v2")
 
 
