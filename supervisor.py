@@ -85,9 +85,12 @@ class VllmChild:
         return self._stopping.is_set()
 
     def start(self) -> None:
+        # A process group of its own, to signal all of vLLM at once; not a session of its
+        # own: Linux schedules each session as one group (autogroup), and vLLM alone in one
+        # ran in bursts on a 2-core machine, its API server silent for seconds mid-stream.
         self._proc = subprocess.Popen(
             self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            stderr=subprocess.STDOUT, process_group=0)
         self._pump = threading.Thread(target=self._copy_output, name="vllm-log", daemon=True)
         self._pump.start()
 

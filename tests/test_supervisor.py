@@ -204,3 +204,13 @@ def test_secrets_printed_by_vllm_are_masked_in_the_log(
     assert token not in logged
     assert "[vllm] INFO fake vllm: environment HF_TOKEN=***" in logged
     assert any(token in line for line in started.child.tail()), "the child did print it"
+
+
+def test_vllm_leads_its_own_process_group_inside_the_workers_session(
+        spawn: Callable[..., Started]) -> None:
+    """Its own group, so one signal reaches all of vLLM; the worker's session, because Linux
+    schedules a session as one unit and vLLM alone in one stalled for seconds on 2 cores."""
+    started = spawn(FAKE_VLLM_HEALTHY_AFTER="0")
+    pid = started.child.pid
+    assert os.getpgid(pid) == pid != os.getpgid(0)
+    assert os.getsid(pid) == os.getsid(0)
