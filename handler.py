@@ -13,16 +13,18 @@ environment, unless `configure` set one.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 from proxy import Proxy
 from routes import Target
-from settings import load
-from startup import Supervision, Upstream, make_proxy, run_startup, stop_all
+from settings import load, secret_values
+from startup import Supervision, Upstream, make_proxy, run_startup, setup_logging, stop_all
 
 log = logging.getLogger("worker")
 _proxy: Proxy | None = None
@@ -61,7 +63,7 @@ def _unwind_on_sigterm() -> None:
     """Until the SDK installs its handlers, make SIGTERM raise SystemExit.
 
     Python's default action would end the worker at once and leave vLLM, in its own
-    session, running; unwinding lets start_upstreams (or main's `finally`) stop it.
+    process group, running; unwinding lets start_upstreams (or main's `finally`) stop it.
     """
     main_pid = os.getpid()
 
@@ -73,10 +75,28 @@ def _unwind_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, unwind)
 
 
+def _import_sdk_meanwhile() -> threading.Thread:
+    """Import the Runpod SDK in a thread while vLLM loads: the import takes over a second
+    (py-cpuinfo, aiohttp), which would otherwise come after vLLM is healthy."""
+    # The SDK logs every yielded item at DEBUG, its default level: users' prompts and
+    # answers would fill the log. INFO unless the deployment asks for more.
+    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
+    # Importing the SDK calls logging.basicConfig, a no-op once the root logger has a
+    # handler: set ours (secrets masked) first, or the SDK's would print them unmasked.
+    setup_logging(secret_values(os.environ))
+    sdk = threading.Thread(target=importlib.import_module, args=("runpod",), daemon=True)
+    sdk.start()
+    return sdk
+
+
 def main() -> None:
     """Start vLLM, then serve jobs through the Runpod SDK until told to stop."""
     _unwind_on_sigterm()
-    settings, upstreams = run_startup()
+    sdk = _import_sdk_meanwhile()
+    try:
+        settings, upstreams = run_startup()
+    finally:
+        sdk.join()  # a failed start must not exit while py-cpuinfo's helper process runs
     proxy = configure(make_proxy(settings, upstreams))
     assert proxy is not None
     supervision = Supervision(upstreams, proxy, _sdk_jobs_in_progress,
@@ -93,9 +113,6 @@ def main() -> None:
             signals_chained = True
         return settings.max_concurrency
 
-    # The SDK logs every yielded item at DEBUG, its default level: users' prompts and
-    # answers would fill the log. INFO unless the deployment asks for more.
-    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     import runpod
 
     try:
