@@ -4,7 +4,11 @@ Invariants (tests hold us to each):
 - every yielded string is a run of whole SSE events, cut only after a blank
   line, so no event and no UTF-8 character is ever split;
 - the concatenation of all yields is the upstream body, byte for byte;
-- the first event is yielded the moment it arrives;
+- the first event is yielded at once, with what follows it within `FIRST_WAIT`:
+  vLLM writes a chat stream's role chunk and first token separately, a fraction
+  of a millisecond apart, and the token must not wait a flush interval behind
+  the role chunk; when one read brings many events, the first yield goes after
+  at most `FIRST_BATCH` chunks of it, not after the whole read;
 - after that, whatever arrives while the consumer (the platform's stream POST)
   is busy is coalesced into the next yield, and yields are at most one per
   `flush_interval`, counted from one yield to the next (the consumer's time is
@@ -27,6 +31,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 _BOUNDARIES = (b"\n\n", b"\r\n\r\n", b"\r\r")
+FIRST_WAIT = 0.002  # seconds
+FIRST_BATCH = 16  # chunks
 
 
 @dataclass(frozen=True)
@@ -79,17 +85,38 @@ class StreamRelay:
         self._finished = asyncio.Event()
         self.error: BaseException | None = None
         self.leftover = b""
+        self._yielded = False
 
     async def _pump(self) -> None:
+        chunks = 0
         try:
             async for chunk in self._chunks:
                 self._buffer += chunk
                 self._arrived.set()
+                chunks += 1
+                if chunks >= FIRST_BATCH and not self._yielded:
+                    # Chunks already read come without a pause in between: let the first
+                    # yield go now rather than after the whole read (module docstring).
+                    await asyncio.sleep(0)
         except Exception as exc:  # handed to the consumer, which reports it
             self.error = exc
         finally:
             self._finished.set()
             self._arrived.set()
+
+    async def _first_company(self) -> None:
+        """Give a lone first event up to FIRST_WAIT to be joined by the next one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FIRST_WAIT
+        while not self._finished.is_set() and _count_events(self._buffer) < 2:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
 
     async def _pace(self, deadline: float, target: int | None) -> None:
         """Wait until the flush interval is over, the stream ends, or a batch fills."""
@@ -122,11 +149,14 @@ class StreamRelay:
                     continue
                 if last_yield is not None:
                     await self._pace(last_yield + self._pacing.flush_interval, target)
-                    end = event_end(self._buffer)
+                else:
+                    await self._first_company()
+                end = event_end(self._buffer)
                 if end:
                     text = self._buffer[:end].decode("utf-8", errors="replace")
                     del self._buffer[:end]
                     last_yield = loop.time()  # before the consumer runs: see the docstring
+                    self._yielded = True
                     yield text
                     target = self._pacing.next_target(target)
                 if self._finished.is_set() and event_end(self._buffer) == 0:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+import relay
 from relay import Pacing, StreamRelay, event_end
 
 
@@ -102,6 +103,40 @@ def test_first_event_is_yielded_before_the_upstream_sends_more() -> None:
         assert rest == ["data: part\n\n"]
 
     asyncio.run(scenario())
+
+
+def test_a_role_chunk_and_the_first_token_written_apart_go_out_together(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # vLLM writes them separately; a wide FIRST_WAIT makes the test independent of timing.
+    monkeypatch.setattr(relay, "FIRST_WAIT", 30)
+
+    async def scenario() -> None:
+        source = Source()
+        stream = StreamRelay(aiter(source), Pacing(flush_interval=60)).__aiter__()
+        source.send(b'data: {"role": "assistant"}\n\n')
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.05)
+        assert not first.done()
+        source.send(b'data: {"content": "Hi"}\n\n')
+        assert await asyncio.wait_for(first, 5) == (
+            'data: {"role": "assistant"}\n\ndata: {"content": "Hi"}\n\n')
+        source.end()
+        assert [text async for text in stream] == []
+
+    asyncio.run(scenario())
+
+
+def test_a_large_first_read_is_not_parsed_whole_before_the_first_yield() -> None:
+    async def scenario() -> list[str]:
+        source = Source()
+        for i in range(200):  # all already read: the pump never waits between them
+            source.send(f"data: {i}\n\n".encode())
+        source.end()
+        return await collect(StreamRelay(aiter(source), Pacing(flush_interval=0)))
+
+    yields = asyncio.run(scenario())
+    assert "".join(yields) == "".join(f"data: {i}\n\n" for i in range(200))
+    assert yields[0].count("\n\n") <= relay.FIRST_BATCH + 1
 
 
 def test_events_arriving_while_the_consumer_is_busy_go_out_in_one_yield() -> None:
