@@ -195,6 +195,8 @@ async def _read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except ValueError as exc:
         raise ProxyError(400, f"The request body is not valid JSON: {exc}.") from None
+    except RecursionError:  # valid JSON, but deeper than Python's parser goes
+        raise ProxyError(400, "The request body is JSON nested too deeply to read.") from None
 
 
 async def _until_disconnect(request: Request) -> None:

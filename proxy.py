@@ -63,7 +63,7 @@ def pacing_for(job_input: object, default: Pacing) -> Pacing:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if attr == "growth_factor" and number and 1 <= value < 1e6:
             values[attr] = float(value)
-        elif attr != "growth_factor" and number and value == int(value) and 1 <= value < 1e9:
+        elif attr != "growth_factor" and number and 1 <= value < 1e9 and value == int(value):
             values[attr] = int(value)
         else:
             rule = "a number from 1" if attr == "growth_factor" else "a whole number from 1"

@@ -36,10 +36,14 @@ from relay import Pacing
 from routes import Target
 from settings import ModelSettings, Settings, SettingsError, load, secret_values
 from supervisor import StartupError, VllmChild, wait_healthy
-from vllm_command import build_command, count_gpus, mask, show
+from vllm_command import MASK, build_command, count_gpus, mask, mask_argv, show
 
 log = logging.getLogger("worker")
 DEATH_DRAIN_SECONDS = 3.0
+# What is left of a vLLM that died (its engine core, workers) has no answer to finish and
+# holds GPU memory: it gets this long after SIGTERM, not a healthy server's 10 s, so the
+# worker is gone within 5 s of the death even when an orphan ignores SIGTERM.
+DEATH_STOP_GRACE = 1.0
 
 
 class _MaskSecrets(logging.Filter):
@@ -106,9 +110,32 @@ def child_env(env: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in WORKER_ONLY}
 
 
+def loopback_only(extra_args: Sequence[str]) -> None:
+    """SettingsError for VLLM_EXTRA_ARGS that set vLLM's `--host` (abbreviations included):
+    argparse keeps the last value, so it would override 127.0.0.1 and open vLLM's admin
+    routes, which the worker keeps from job input, to the network."""
+    for arg in extra_args:
+        flag = arg.partition("=")[0]
+        if len(flag) > 3 and "--host".startswith(flag):
+            raise SettingsError(f"VLLM_EXTRA_ARGS must not set --host (got {arg!r}): vLLM "
+                                "listens on 127.0.0.1, where only this worker can reach it.")
+
+
+def log_secrets(settings: Settings) -> tuple[str, ...]:
+    """Values to mask in every log line: those of secret-named variables, and those given
+    to secret flags in VLLM_EXTRA_ARGS (`--api-key VALUE`, `--hf-token=VALUE`), which vLLM
+    may print back (an `unrecognized arguments` error quotes them)."""
+    argv = list(settings.vllm_extra_args)
+    hidden = [real.partition("=")[2] if shown.endswith(f"={MASK}") else real
+              for shown, real in zip(mask_argv(argv), argv, strict=True) if shown != real]
+    found = {*settings.secrets, *(value for value in hidden if len(value) >= 4)}
+    return tuple(sorted(found, key=len, reverse=True))
+
+
 def plan_launch(settings: Settings, model: ModelSettings, env: Mapping[str, str]) -> Launch:
     """Locate the weights, pick the parsers and build the command for one model
     (LocatorError or SettingsError when that cannot work)."""
+    loopback_only(settings.vllm_extra_args)
     location = locate(model.name, model.path, settings.hf_home, settings.hub_caches)
     weights = location.model
     if location.is_local:
@@ -180,7 +207,7 @@ def run_startup(env: Mapping[str, str] = os.environ) -> tuple[Settings, list[Ups
         setup_logging(secret_values(env))
         log.error("Invalid setting: %s", exc)
         sys.exit(2)
-    setup_logging(settings.secrets)
+    setup_logging(log_secrets(settings))
     try:
         return settings, start_upstreams(settings, env)
     except (LocatorError, StartupError, SettingsError) as exc:
@@ -238,7 +265,7 @@ class Supervision:
         log.error("vLLM for %s %s while serving; refusing new jobs and exiting. "
                   "Its last lines:\n%s", name, reason, tail)
         self.proxy.refusal = f"vLLM for {name} {reason}; the worker is restarting"
-        self._end(DEATH_DRAIN_SECONDS, 1)
+        self._end(DEATH_DRAIN_SECONDS, 1, DEATH_STOP_GRACE)
 
     def on_signal(self, signum: int) -> None:
         """Begin a graceful stop (call from a signal handler: it returns at once)."""
@@ -246,7 +273,7 @@ class Supervision:
                  signal.Signals(signum).name, self.grace)
         threading.Thread(target=self._end, args=(self.grace, 0), daemon=True).start()
 
-    def _end(self, drain_seconds: float, code: int) -> None:
+    def _end(self, drain_seconds: float, code: int, stop_grace: float = 10) -> None:
         if not self._ending.acquire(blocking=False):
             return
         deadline = time.monotonic() + drain_seconds
@@ -255,7 +282,7 @@ class Supervision:
         if self.jobs_in_progress() > 0:
             log.warning("%d job(s) still running after %g s: stopping anyway",
                         self.jobs_in_progress(), drain_seconds)
-        stop_all(self.upstreams)
+        stop_all(self.upstreams, stop_grace)
         # os._exit skips the atexit hook that ends the SDK's heartbeat process: end it here,
         # or it outlives the worker and keeps telling the platform the worker is alive.
         for helper in multiprocessing.active_children():

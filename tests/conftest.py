@@ -7,14 +7,16 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
 
 import handler
 from proxy import Proxy
@@ -22,6 +24,7 @@ from relay import Pacing
 from routes import Target
 from supervisor import group_members
 from support import SERVED
+from test_worker import FakePlatform, Worker, kill_worker, start_worker
 
 
 @pytest.fixture(scope="session")
@@ -140,3 +143,94 @@ def real_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEndp
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
         assert not leftovers, f"processes left after SIGTERM: {leftovers}"
+
+
+@dataclass
+class FastUpstream:
+    """fast_upstream.py as a process of its own (another core than the worker code's)."""
+
+    url: str
+    process: subprocess.Popen[str]
+
+    def stats(self) -> dict[str, int]:
+        return httpx.get(f"{self.url}/stats", timeout=10).json()
+
+    def reset(self) -> None:
+        httpx.post(f"{self.url}/stats/reset", timeout=10).raise_for_status()
+
+    def wait_for(self, condition: Callable[[dict[str, int]], bool], seconds: float,
+                 what: str) -> dict[str, int]:
+        """Poll /stats until `condition` holds; fail naming `what` after `seconds`."""
+        deadline = time.monotonic() + seconds
+        while not condition(stats := self.stats()):
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out after {seconds} s waiting for {what}: {stats}")
+            time.sleep(0.01)
+        return stats
+
+
+@pytest.fixture(scope="session")
+def fast_upstream_server() -> Iterator[FastUpstream]:
+    script = Path(__file__).resolve().parent / "fast_upstream.py"
+    process = subprocess.Popen([sys.executable, str(script), "--port", str(port := free_port())],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == "listening"
+        yield FastUpstream(f"http://127.0.0.1:{port}", process)
+    finally:
+        process.kill()
+        process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+@pytest.fixture
+def fast_upstream(fast_upstream_server: FastUpstream) -> FastUpstream:
+    """The fast stand-in with its counters zeroed and nothing left open by an earlier test."""
+    fast_upstream_server.wait_for(lambda s: s["streams"] == 0, 10, "no open stream")
+    fast_upstream_server.reset()
+    return fast_upstream_server
+
+
+class JobPlatform(FakePlatform):
+    """test_worker's fake job API, also counting job-takes in flight: a worker told to stop
+    must stop asking for jobs, which shows only once no take is pending."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taking = 0
+
+    def _take(self, request: Request) -> Response:
+        with self._changed:
+            self.taking += 1
+        try:
+            return super()._take(request)
+        finally:
+            with self._changed:
+                self.taking -= 1
+                self._changed.notify_all()
+
+
+@pytest.fixture
+def job_platform() -> Iterator[JobPlatform]:
+    made = JobPlatform()
+    made.start()
+    yield made
+    made.stop()
+    made.server.check()
+
+
+@pytest.fixture
+def start_workers(tmp_path: Path, job_platform: JobPlatform) -> Iterator[Callable[..., Worker]]:
+    """`python handler.py` under the fake job API, stand-in vLLM as its child; every process
+    a worker left is SIGKILLed when the test ends."""
+    workers: list[Worker] = []
+
+    def start(**overrides: str) -> Worker:
+        worker = start_worker(tmp_path / f"worker-{len(workers)}", job_platform, **overrides)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        kill_worker(worker)

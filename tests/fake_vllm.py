@@ -40,6 +40,13 @@ Misbehaviour switches (environment variables):
 - FAKE_VLLM_PID_FILE=<file>: write the server's pid there at start.
 - FAKE_VLLM_PRINT_ENV=<NAME>: print `NAME=<value>` at start, like a server
   that dumps its environment.
+- FAKE_VLLM_PRINT_ARGV=1: print the whole argv at start, like a server quoting its
+  command line in an error (`unrecognized arguments: ...`).
+- FAKE_VLLM_ARGV_FILE=<file>: write the argv it was started with there, as a JSON list.
+- FAKE_VLLM_PEAK_FILE=<file>: keep there the largest number of chat completions it has
+  been serving at once.
+- FAKE_VLLM_ANSWER_DELAY=<s>: wait this long before answering a non-streaming chat
+  completion, after printing `INFO fake vllm: answering in <s> s`.
 """
 
 from __future__ import annotations
@@ -60,6 +67,8 @@ from pathlib import Path
 from typing import Any
 
 _record_lock = threading.Lock()
+_serving_lock = threading.Lock()
+_serving = {"now": 0, "peak": 0}
 
 
 def compact(payload: Any) -> str:
@@ -91,6 +100,25 @@ def record(entry: dict[str, Any]) -> None:
         return
     with _record_lock, open(path, "a", encoding="utf-8") as out:
         out.write(json.dumps(entry) + "\n")
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Readers never see the file half-written."""
+    with open(f"{path}.tmp", "w", encoding="utf-8") as out:
+        out.write(text)
+    os.replace(f"{path}.tmp", path)
+
+
+def count_serving(change: int) -> None:
+    """Track chat completions being served at once (FAKE_VLLM_PEAK_FILE)."""
+    path = os.environ.get("FAKE_VLLM_PEAK_FILE")
+    if not path:
+        return
+    with _serving_lock:
+        _serving["now"] += change
+        if _serving["now"] > _serving["peak"]:
+            _serving["peak"] = _serving["now"]
+            write_atomically(path, str(_serving["peak"]))
 
 
 def engine_core() -> None:
@@ -182,10 +210,17 @@ class Handler(BaseHTTPRequestHandler):
                         "NotFoundError", body)
             return
         tokens = int(body.get("max_tokens") or 5)
-        if body.get("stream"):
-            self._stream(body, tokens)
-        else:
-            self._send_json(200, completion(self.served_model, tokens), body)
+        count_serving(+1)
+        try:
+            if body.get("stream"):
+                self._stream(body, tokens)
+            else:
+                if delay := float(os.environ.get("FAKE_VLLM_ANSWER_DELAY") or 0):
+                    say(f"INFO fake vllm: answering in {delay:g} s")
+                    time.sleep(delay)
+                self._send_json(200, completion(self.served_model, tokens), body)
+        finally:
+            count_serving(-1)
 
     def _stream(self, body: dict[str, Any], tokens: int) -> None:
         self.send_response(200)
@@ -290,12 +325,13 @@ def main() -> None:
 
         signal.signal(signal.SIGTERM, on_sigterm)
     if pid_file := os.environ.get("FAKE_VLLM_PID_FILE"):
-        staging = f"{pid_file}.tmp"
-        with open(staging, "w", encoding="utf-8") as out:
-            out.write(str(os.getpid()))
-        os.replace(staging, pid_file)  # readers never see it half-written
+        write_atomically(pid_file, str(os.getpid()))
+    if argv_file := os.environ.get("FAKE_VLLM_ARGV_FILE"):
+        write_atomically(argv_file, json.dumps(sys.argv[1:]))
     if name := os.environ.get("FAKE_VLLM_PRINT_ENV"):
         say(f"INFO fake vllm: environment {name}={os.environ.get(name, '')}")
+    if os.environ.get("FAKE_VLLM_PRINT_ARGV") == "1":
+        say(f"INFO fake vllm: started as {' '.join(sys.argv[1:])}")
     if mode := os.environ.get("FAKE_VLLM_GRANDCHILD"):
         spawn_engine_core(mode)
     exit_code = int(os.environ.get("FAKE_VLLM_EXIT_CODE") or 1)

@@ -6,15 +6,23 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import uvicorn
 from werkzeug import Response
 
 import handler
+from local_endpoint import Jobs, build_app
 from proxy import Proxy
+
+T = TypeVar("T")
 
 SERVED = "test-org/test-model"
 
@@ -67,3 +75,49 @@ def run_readme_example(name: str, endpoint_url: str, api_key: str) -> str:
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+class LocalEndpoint:
+    """The local endpoint (local_endpoint.Jobs + build_app, as `main` wires them) served by
+    uvicorn in a thread, in front of `proxy`; `url` is its /v2/<id> base, `loop` its loop."""
+
+    def __init__(self, proxy: Proxy, max_concurrency: int = 4, api_key: str | None = None,
+                 max_body: int = 20 << 20) -> None:
+        self.proxy = proxy
+        self.max_concurrency, self.api_key, self.max_body = max_concurrency, api_key, max_body
+        self.jobs: Jobs | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}/v2/ep1"
+        self.server = uvicorn.Server(uvicorn.Config(self._app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning", interface="asgi3",
+                                                    backlog=4096))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    async def _app(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.jobs is None:  # made inside the server's loop
+            self.loop = asyncio.get_running_loop()
+            self.jobs = Jobs(handler.handler, self.max_concurrency)
+            self.asgi = build_app(self.jobs, self.api_key, self.max_body, self.proxy.aclose)
+        await self.asgi(scope, receive, send)
+
+    def call(self, make: Callable[[], Awaitable[T]], timeout: float = 10) -> T:
+        """Run a coroutine in the endpoint's loop (to look at its tasks) and return its result."""
+        assert self.loop is not None, "no request served yet"
+        return asyncio.run_coroutine_threadsafe(make(), self.loop).result(timeout)
+
+    def __enter__(self) -> LocalEndpoint:
+        handler.configure(self.proxy)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the endpoint did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        handler.configure(None)

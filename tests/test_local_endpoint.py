@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,63 +11,24 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
-import handler
-from local_endpoint import Jobs, build_app
+from local_endpoint import Jobs
 from proxy import Proxy
 from relay import Pacing
 from routes import Target
-from support import SERVED
+from support import SERVED, LocalEndpoint
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class Endpoint:
-    """A local endpoint served by uvicorn in a thread; `url` is its /v2/<id> base."""
-
-    def __init__(self, fake_vllm: HTTPServer, max_concurrency: int = 4,
-                 api_key: str | None = None, max_body: int = 1 << 20) -> None:
-        self.proxy = Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")), request_timeout=5,
-                           pacing=Pacing(0))
-        self.jobs: Jobs | None = None
-        self.max_concurrency, self.api_key, self.max_body = max_concurrency, api_key, max_body
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}/v2/ep1"
-        self.server = uvicorn.Server(uvicorn.Config(self._app, host="127.0.0.1", port=port,
-                                                    log_level="warning", interface="asgi3"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    async def _app(self, scope: Any, receive: Any, send: Any) -> None:
-        if self.jobs is None:  # made inside the server's loop
-            self.jobs = Jobs(handler.handler, self.max_concurrency)
-            self.asgi = build_app(self.jobs, self.api_key, self.max_body, self.proxy.aclose)
-        await self.asgi(scope, receive, send)
-
-    def __enter__(self) -> Endpoint:
-        handler.configure(self.proxy)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the endpoint did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        handler.configure(None)
+def fake_proxy(fake_vllm: HTTPServer) -> Proxy:
+    return Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")), request_timeout=5,
+                 pacing=Pacing(0))
 
 
 @pytest.fixture
-def endpoint(fake_vllm: HTTPServer) -> Iterator[Endpoint]:
-    with Endpoint(fake_vllm) as running:
+def endpoint(fake_vllm: HTTPServer) -> Iterator[LocalEndpoint]:
+    with LocalEndpoint(fake_proxy(fake_vllm), max_body=1 << 20) as running:
         yield running
 
 
@@ -82,21 +42,21 @@ def until(condition: Callable[[], bool], seconds: float = 5) -> None:
 CHAT = {"object": "chat.completion", "choices": [{"message": {"content": "hi"}}]}
 
 
-def test_runsync_returns_the_output_list(fake_vllm: HTTPServer, endpoint: Endpoint) -> None:
+def test_runsync_returns_the_output_list(fake_vllm: HTTPServer, endpoint: LocalEndpoint) -> None:
     fake_vllm.expect_request("/v1/chat/completions").respond_with_json(CHAT)
     answer = httpx.post(f"{endpoint.url}/runsync", json={"input": {"messages": []}}).json()
     assert answer["status"] == "COMPLETED" and answer["output"] == [CHAT]
     assert answer["id"].startswith("local-") and "executionTime" in answer
 
 
-def test_a_failed_job_carries_the_error_contract(endpoint: Endpoint) -> None:
+def test_a_failed_job_carries_the_error_contract(endpoint: LocalEndpoint) -> None:
     answer = httpx.post(f"{endpoint.url}/runsync",
                         json={"input": {"openai_route": "/sleep", "openai_input": {}}}).json()
     assert answer["status"] == "FAILED"
     assert json.loads(answer["error"])["error"]["code"] == 400
 
 
-def test_run_then_stream_then_status(fake_vllm: HTTPServer, endpoint: Endpoint) -> None:
+def test_run_then_stream_then_status(fake_vllm: HTTPServer, endpoint: LocalEndpoint) -> None:
     release = threading.Event()
     events = [f"data: {i}\n\n".encode() for i in range(6)]
 
@@ -126,7 +86,7 @@ def test_run_then_stream_then_status(fake_vllm: HTTPServer, endpoint: Endpoint) 
 
 
 def test_cancel_stops_the_handler_and_the_vllm_request(
-        fake_vllm: HTTPServer, endpoint: Endpoint) -> None:
+        fake_vllm: HTTPServer, endpoint: LocalEndpoint) -> None:
     closed = threading.Event()
 
     def endless() -> Iterator[bytes]:
@@ -148,13 +108,13 @@ def test_cancel_stops_the_handler_and_the_vllm_request(
     assert closed.wait(1)
 
 
-def test_unknown_jobs_are_404(endpoint: Endpoint) -> None:
+def test_unknown_jobs_are_404(endpoint: LocalEndpoint) -> None:
     answer = httpx.get(f"{endpoint.url}/status/nope")
     assert answer.status_code == 404 and "nope" in answer.json()["error"]["message"]
 
 
 def test_openai_path_streams_sse_with_the_right_content_type(
-        fake_vllm: HTTPServer, endpoint: Endpoint) -> None:
+        fake_vllm: HTTPServer, endpoint: LocalEndpoint) -> None:
     body = b"data: {\"a\": 1}\n\ndata: [DONE]\n\n"
     fake_vllm.expect_request("/v1/chat/completions").respond_with_response(
         Response([body], content_type="text/event-stream"))
@@ -167,7 +127,8 @@ def test_openai_path_streams_sse_with_the_right_content_type(
     assert sent == {"model": SERVED, "messages": [], "stream": True}
 
 
-def test_openai_path_get_models_and_json_answers(fake_vllm: HTTPServer, endpoint: Endpoint) -> None:
+def test_openai_path_get_models_and_json_answers(fake_vllm: HTTPServer,
+                                                 endpoint: LocalEndpoint) -> None:
     models = {"object": "list", "data": [{"id": SERVED}]}
     fake_vllm.expect_request("/v1/models", method="GET").respond_with_json(models)
     answer = httpx.get(f"{endpoint.url}/openai/v1/models")
@@ -175,7 +136,7 @@ def test_openai_path_get_models_and_json_answers(fake_vllm: HTTPServer, endpoint
 
 
 def test_openai_path_failures_keep_status_and_body(
-        fake_vllm: HTTPServer, endpoint: Endpoint) -> None:
+        fake_vllm: HTTPServer, endpoint: LocalEndpoint) -> None:
     error = {"error": {"message": "The model `x` does not exist.", "type": "NotFoundError",
                        "param": "model", "code": 404}}
     fake_vllm.expect_request("/v1/chat/completions").respond_with_json(error, status=404)
@@ -187,7 +148,7 @@ def test_openai_path_failures_keep_status_and_body(
 
 
 def test_a_client_that_disconnects_cancels_its_job(
-        fake_vllm: HTTPServer, endpoint: Endpoint) -> None:
+        fake_vllm: HTTPServer, endpoint: LocalEndpoint) -> None:
     closed = threading.Event()
 
     def endless() -> Iterator[bytes]:
@@ -223,7 +184,7 @@ def test_max_concurrency_queues_extra_jobs(fake_vllm: HTTPServer) -> None:
         return Response(json.dumps(CHAT), content_type="application/json")
 
     fake_vllm.expect_request("/v1/chat/completions").respond_with_handler(slow)
-    with Endpoint(fake_vllm, max_concurrency=2) as endpoint:
+    with LocalEndpoint(fake_proxy(fake_vllm), max_concurrency=2) as endpoint:
         ids = [httpx.post(f"{endpoint.url}/run", json={"input": {"messages": []}}).json()["id"]
                for _ in range(5)]
         until(lambda: running["now"] == 2)
@@ -237,7 +198,7 @@ def test_max_concurrency_queues_extra_jobs(fake_vllm: HTTPServer) -> None:
 
 def test_an_api_key_guards_every_route(fake_vllm: HTTPServer) -> None:
     fake_vllm.expect_request("/v1/models").respond_with_json({"data": []})
-    with Endpoint(fake_vllm, api_key="s3cret-key") as endpoint:
+    with LocalEndpoint(fake_proxy(fake_vllm), api_key="s3cret-key") as endpoint:
         for method, path in [("GET", "/health"), ("POST", "/runsync"), ("GET", "/openai/v1/models"),
                              ("GET", "/status/x")]:
             assert httpx.request(method, endpoint.url + path).status_code == 401
@@ -249,7 +210,7 @@ def test_an_api_key_guards_every_route(fake_vllm: HTTPServer) -> None:
 
 
 def test_bodies_over_the_limit_are_refused_with_413(fake_vllm: HTTPServer) -> None:
-    with Endpoint(fake_vllm, max_body=1000) as endpoint:
+    with LocalEndpoint(fake_proxy(fake_vllm), max_body=1000) as endpoint:
         big = {"input": {"messages": [{"role": "user", "content": "x" * 2000}]}}
         answer = httpx.post(f"{endpoint.url}/runsync", json=big)
         assert answer.status_code == 413 and "1000 bytes" in answer.json()["error"]["message"]
@@ -258,7 +219,7 @@ def test_bodies_over_the_limit_are_refused_with_413(fake_vllm: HTTPServer) -> No
 
 @pytest.mark.parametrize(("body", "words"), [(b"{not json", "not valid JSON"),
                                              (b'{"inputs": {}}', '{"input": {...}}')])
-def test_malformed_requests_get_400(endpoint: Endpoint, body: bytes, words: str) -> None:
+def test_malformed_requests_get_400(endpoint: LocalEndpoint, body: bytes, words: str) -> None:
     answer = httpx.post(f"{endpoint.url}/runsync", content=body)
     assert answer.status_code == 400 and words in answer.json()["error"]["message"]
 
