@@ -1,0 +1,224 @@
+"""`python -m benchmarks [--quick] [--out DIR] [--only 1,2,...]`, from the project root.
+
+Measures what the worker adds between the platform and vLLM, next to the physical
+limit, and writes `results.json` and `results.md` to `--out` (default
+benchmarks/results). Scenarios, each described in its module:
+
+1. overhead.py       request overhead, non-streaming, (a) direct / (b) handler / (c) endpoint
+2. stream_relay.py   many concurrent streams flat out: events/s and CPU per event
+3. stream_posts.py   a 20 ms platform post: yields per stream, first yield, time held
+4. startup_time.py   launch to first job-take, minus the upstream's own start; the locator
+5. real_vllm.py      the tiny model on vLLM's CPU build, directly and through the endpoint
+6. memory.py         the worker's resident memory, idle and under the largest stream load
+
+1-4 and 6 run against upstream.py, a stand-in that speaks vLLM's wire format. Scenario 5
+starts the local endpoint with vLLM (a minute or more to load) unless `--real-endpoint`
+and `--real-vllm` name a running pair (its API key in LOCAL_API_KEY).
+
+`--quick` runs every scenario with small counts in well under a minute (plus vLLM's
+start, unless reused): it proves the suite runs; its figures mean nothing. A full run
+starts each scenario once other processes leave the CPU (up to 3 minutes' wait; each
+table shows the load that remained). A scenario that fails is recorded as failed and
+the command exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks import (
+    memory,
+    overhead,
+    real_vllm,
+    startup_time,
+    stream_posts,
+    stream_relay,
+)
+from benchmarks.measure import Background, machine
+from benchmarks.paths import InProcess, direct, endpoint
+from benchmarks.processes import PROJECT, SERVED, external_env, local_endpoint, upstream
+from benchmarks.report import markdown, targets
+
+ALL = (1, 2, 3, 4, 5, 6)
+QUIET_CORES = 0.25  # other processes' load under which a full run's scenario starts
+QUIET_WAIT = 180.0  # seconds a full run waits for that, then starts anyway
+
+
+@dataclass(frozen=True)
+class Counts:
+    overhead_concurrency: tuple[int, ...]
+    overhead_requests: int
+    overhead_rounds: int
+    relay_streams: tuple[int, ...]
+    relay_tokens: int
+    relay_rounds: int
+    post_kinds: tuple[tuple[str, int, float], ...]
+    post_repeats: int
+    healthy_after: float
+    launches: int
+    cached_models: int
+    locate_runs: int
+    real_concurrency: tuple[int, ...]
+    real_requests: int
+    real_rounds: int
+    memory_streams: int
+    memory_tokens: int
+    settle: float
+
+
+FULL = Counts(
+    overhead_concurrency=(1, 64), overhead_requests=3000, overhead_rounds=6,
+    relay_streams=(64, 256), relay_tokens=1000, relay_rounds=5,
+    post_kinds=(("1,000 tokens at 100/s", 1000, 0.01), ("1,000 tokens at 1,000/s", 1000, 0.001),
+                ("1,000 tokens flat out", 1000, 0.0)),
+    post_repeats=3, healthy_after=2.0, launches=5, cached_models=1000, locate_runs=20,
+    real_concurrency=(1, 16), real_requests=96, real_rounds=3,
+    memory_streams=256, memory_tokens=1000, settle=2.0)
+QUICK = Counts(
+    overhead_concurrency=(1, 8), overhead_requests=60, overhead_rounds=2,
+    relay_streams=(8,), relay_tokens=100, relay_rounds=1,
+    post_kinds=(("30 tokens at 100/s", 30, 0.01), ("200 tokens flat out", 200, 0.0)),
+    post_repeats=1, healthy_after=0.3, launches=1, cached_models=50, locate_runs=3,
+    real_concurrency=(1, 2), real_requests=4, real_rounds=1,
+    memory_streams=8, memory_tokens=100, settle=0.5)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts: proves it runs")
+    parser.add_argument("--out", type=Path, default=PROJECT / "benchmarks" / "results",
+                        help="folder for results.json and results.md")
+    parser.add_argument("--only", default=",".join(map(str, ALL)),
+                        help="scenarios to run, e.g. 1,3 (default: all)")
+    parser.add_argument("--real-endpoint", help="a running local endpoint's /v2/<id> URL")
+    parser.add_argument("--real-vllm", help="the vLLM server behind --real-endpoint")
+    args = parser.parse_args(argv)
+    args.only = {int(part) for part in args.only.split(",") if part.strip()}
+    if not args.only <= set(ALL):
+        parser.error(f"--only takes scenario numbers from {ALL}")
+    if bool(args.real_endpoint) != bool(args.real_vllm):
+        parser.error("--real-endpoint and --real-vllm go together")
+    return args
+
+
+class Runner:
+    """Runs the chosen scenarios, each recorded under its key, failures included."""
+
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args, self.work = args, work
+        self.counts = QUICK if args.quick else FULL
+        self.scenarios: dict[str, Any] = {}
+        self.started = time.monotonic()
+
+    async def step(self, number: int, key: str, run: Callable[[], Awaitable[dict[str, Any]]]
+                   ) -> None:
+        if number not in self.args.only:
+            return
+        waited = 0.0 if self.args.quick else await self.quiet()
+        print(f"[{time.monotonic() - self.started:6.1f} s] scenario {number}: {key[2:]}",
+              file=sys.stderr, flush=True)
+        try:
+            self.scenarios[key] = {**await run(), "waited_for_quiet_s": waited}
+        except Exception as exc:  # recorded, reported, and the command exits 1
+            traceback.print_exc()
+            self.scenarios[key] = {"failed": f"{type(exc).__name__}: {exc}"[:2000]}
+
+    async def quiet(self) -> float:
+        """Wait until other processes leave the CPU (up to QUIET_WAIT); seconds waited."""
+        started = time.monotonic()
+        while time.monotonic() - started < QUIET_WAIT:
+            meter = Background().start()
+            await asyncio.sleep(2)
+            cores = meter.cores()
+            if cores < QUIET_CORES:
+                break
+            print(f"other processes use {cores} cores: waiting for the machine to calm down",
+                  file=sys.stderr, flush=True)
+        return round(time.monotonic() - started, 1)
+
+    async def run(self) -> None:
+        c, work = self.counts, self.work
+        if self.args.only & {1, 2, 3}:
+            stand_in, url = upstream(work)
+            with stand_in:
+                worker = InProcess(external_env(url))
+                straight = direct(url, SERVED)
+                process, base = local_endpoint(work, external_env(url))
+                through = endpoint(base)
+                try:
+                    with process:
+                        await self.step(1, "1_overhead", lambda: overhead.scenario(
+                            url, straight, worker, through, list(c.overhead_concurrency),
+                            c.overhead_requests, c.overhead_rounds))
+                        await self.step(2, "2_stream_relay", lambda: stream_relay.scenario(
+                            url, stand_in.pid, worker, through, process.pid, straight,
+                            list(c.relay_streams), c.relay_tokens, c.relay_rounds))
+                        await self.step(3, "3_stream_posts", lambda: stream_posts.scenario(
+                            url, worker, list(c.post_kinds), c.post_repeats, 0.02))
+                finally:
+                    for client in (worker, straight, through):
+                        await client.aclose()
+        await self.step(4, "4_startup", lambda: startup_time.scenario(
+            work, c.healthy_after, c.launches, c.cached_models, c.locate_runs))
+        if 6 in self.args.only:
+            stand_in, url = upstream(work, "memory-upstream")
+            with stand_in:
+                await self.step(6, "6_memory", lambda: memory.scenario(
+                    work, url, c.memory_streams, c.memory_tokens, c.settle))
+        reuse = None
+        if self.args.real_endpoint:
+            reuse = real_vllm.Reused(self.args.real_endpoint, self.args.real_vllm,
+                                     os.environ.get("LOCAL_API_KEY"))
+        await self.step(5, "5_real_vllm", lambda: real_vllm.scenario(
+            work, reuse, list(c.real_concurrency), c.real_requests, c.real_rounds))
+
+
+def write(out: Path, results: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("results.json", json.dumps(results, indent=2, ensure_ascii=False)),
+                       ("results.md", markdown(results))):
+        staging = out / f"{name}.tmp"
+        staging.write_text(text + ("" if text.endswith("\n") else "\n"), encoding="utf-8")
+        os.replace(staging, out / name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    work = Path(tempfile.mkdtemp(prefix="benchmarks-"))
+    runner = Runner(args, work)
+    results: dict[str, Any] = {
+        "machine": machine(), "mode": "quick" if args.quick else "full",
+        "command": " ".join(["python -m benchmarks", *(argv if argv is not None
+                                                       else sys.argv[1:])]),
+    }
+    asyncio.run(runner.run())
+    results["seconds"] = round(time.monotonic() - runner.started, 1)
+    results["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    results["scenarios"] = dict(sorted(runner.scenarios.items()))
+    results["targets"] = targets(results)
+    write(args.out, results)
+    failed = [key for key, value in runner.scenarios.items() if "failed" in value]
+    print(f"Results in {args.out}/results.md and results.json ({results['seconds']:.0f} s).",
+          file=sys.stderr)
+    if failed:
+        print(f"Failed: {', '.join(failed)}; logs kept in {work}", file=sys.stderr)
+        return 1
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The processes a scenario runs beside itself: the stand-in upstream, the local endpoint.
+
+Each is a context manager that starts the process in its own session, waits until it
+answers, and on exit stops its whole process group (SIGTERM, a bounded wait, SIGKILL).
+Their output goes to a log file in the run's work folder, quoted when they fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+PROJECT = Path(__file__).resolve().parent.parent
+UPSTREAM_SCRIPT = PROJECT / "benchmarks" / "upstream.py"
+SERVED = "bench-model"
+
+
+def base_env(**settings: str) -> dict[str, str]:
+    """A clean environment (no worker or vLLM variables inherited) plus `settings`."""
+    kept = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TERM")
+    return {**{k: os.environ[k] for k in kept if k in os.environ}, **settings}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Process:
+    """A child process in its own session, logged to `log`."""
+
+    def __init__(self, argv: list[str], log: Path, env: Mapping[str, str] | None = None) -> None:
+        self.argv, self.log, self.env = argv, log, dict(env or os.environ)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.launched = 0.0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as sink:
+            self.launched = time.monotonic()
+            self.proc = subprocess.Popen(self.argv, cwd=PROJECT, env=self.env,
+                                         stdin=subprocess.DEVNULL, stdout=sink,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def wait_http(self, url: str, timeout: float, headers: dict[str, str] | None = None) -> None:
+        """Poll `url` until it answers 200; RuntimeError quoting the log otherwise."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.argv[1]} exited ({self.proc.returncode}):\n"
+                                   f"{self.tail()}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url, headers=headers, timeout=5).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer within {timeout:g} s:\n{self.tail()}")
+            time.sleep(0.05)
+
+    def stop(self, grace: float = 10) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # anything it left in its group
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.stop()
+
+
+def upstream(work: Path, name: str = "upstream") -> tuple[Process, str]:
+    """The stand-in vLLM on a free port, answering; and its base URL."""
+    port = free_port()
+    process = Process([sys.executable, str(UPSTREAM_SCRIPT), "--port", str(port),
+                       "--served-model-name", SERVED], work / f"{name}.log", base_env())
+    process.start()
+    url = f"http://127.0.0.1:{port}"
+    process.wait_http(f"{url}/health", 30)
+    return process, url
+
+
+def local_endpoint(work: Path, env: Mapping[str, str], name: str = "endpoint",
+                   timeout: float = 60) -> tuple[Process, str]:
+    """`local_endpoint.py` with `env` (over a clean one), answering; its /v2/<id> base."""
+    port = free_port()
+    process = Process([sys.executable, "local_endpoint.py", "--port", str(port)],
+                      work / f"{name}.log", base_env(**env))
+    process.start()
+    base = f"http://127.0.0.1:{port}/v2/bench"
+    key = env.get("LOCAL_API_KEY")
+    process.wait_http(f"{base}/health", timeout,
+                      {"Authorization": f"Bearer {key}"} if key else None)
+    return process, base
+
+
+def external_env(upstream_url: str, **extra: str) -> dict[str, str]:
+    """The worker's settings for a vLLM it does not start (VLLM_BASE_URL)."""
+    return {"VLLM_BASE_URL": upstream_url, "MODEL_NAME": SERVED, "MAX_CONCURRENCY": "512",
+            "VLLM_STARTUP_TIMEOUT": "30", **extra}
