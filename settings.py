@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -43,6 +43,7 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 # Variables whose values must never be logged or returned.
 _SECRET_NAME = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)", re.IGNORECASE)
+SECRET_FLAG = re.compile(r"^--?[\w-]*(key|token|secret|password)[\w-]*$", re.IGNORECASE)
 
 T = TypeVar("T")
 
@@ -176,10 +177,41 @@ def _switch(env: Mapping[str, str], name: str) -> bool | None:
     return _bool(env, name)
 
 
+def secret_flag_values(args: Sequence[str]) -> list[str]:
+    """Values given to secret-looking flags: `--api-key VALUE`, `--hf-token=VALUE`."""
+    values = []
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if SECRET_FLAG.match(flag):
+            values.append(value if eq else (args[i + 1] if i + 1 < len(args) else ""))
+    return values
+
+
 def secret_values(env: Mapping[str, str]) -> tuple[str, ...]:
-    """Values of every variable that looks like a secret (HF_TOKEN, *_KEY, ...), longest first."""
-    found = {v for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= 4}
-    return tuple(sorted(found, key=len, reverse=True))
+    """Values never to print, longest first: every variable that looks like a secret
+    (HF_TOKEN, *_KEY, ...) and every secret flag's in VLLM_EXTRA_ARGS, which vLLM may print
+    back (an `unrecognized arguments` error quotes them)."""
+    try:
+        extra = shlex.split(env.get("VLLM_EXTRA_ARGS") or "")
+    except ValueError:  # `load` refuses it
+        extra = []
+    found = {v for k, v in env.items() if _SECRET_NAME.search(k)} | {*secret_flag_values(extra)}
+    return tuple(sorted((v for v in found if len(v) >= 4), key=len, reverse=True))
+
+
+def _extra_args(env: Mapping[str, str]) -> tuple[str, ...]:
+    try:
+        args = tuple(shlex.split(_value(env, "VLLM_EXTRA_ARGS") or ""))
+    except ValueError as exc:
+        raise SettingsError(f"VLLM_EXTRA_ARGS cannot be split into arguments: {exc}.") from None
+    for arg in args:
+        # argparse keeps the last value (and takes abbreviations): `--host` here would win
+        # over 127.0.0.1 and open vLLM's admin routes, kept from job input, to the network.
+        flag = arg.partition("=")[0]
+        if len(flag) > 3 and "--host".startswith(flag):
+            raise SettingsError(f"VLLM_EXTRA_ARGS must not set --host (got {arg!r}): vLLM "
+                                "listens on 127.0.0.1, where only this worker can reach it.")
+    return args
 
 
 def _split(raw: str | None) -> list[str]:
@@ -259,11 +291,6 @@ def load(env: Mapping[str, str]) -> Settings:
     growth = _number(env, "DEFAULT_BATCH_SIZE_GROWTH_FACTOR", float, "a number of at least 1",
                      lambda v: 1 <= v < float("inf"))
     tool_choice = _switch(env, "ENABLE_AUTO_TOOL_CHOICE")
-    extra = _value(env, "VLLM_EXTRA_ARGS") or ""
-    try:
-        extra_args = tuple(shlex.split(extra))
-    except ValueError as exc:
-        raise SettingsError(f"VLLM_EXTRA_ARGS cannot be split into arguments: {exc}.") from None
     base_url = _value(env, "VLLM_BASE_URL")
     if base_url and not re.match(r"^https?://[^/\s]+", base_url):
         raise SettingsError(f"VLLM_BASE_URL={base_url!r} is not valid: it must be an http(s) URL.")
@@ -286,7 +313,7 @@ def load(env: Mapping[str, str]) -> Settings:
         enable_auto_tool_choice=tool_choice,
         tool_call_parser=_parser(env, "TOOL_CALL_PARSER"),
         reasoning_parser=_parser(env, "REASONING_PARSER"),
-        vllm_extra_args=extra_args,
+        vllm_extra_args=_extra_args(env),
         vllm_base_url=base_url,
         max_concurrency=_positive_int(env, "MAX_CONCURRENCY"),
         startup_timeout=_positive_float(env, "VLLM_STARTUP_TIMEOUT"),

@@ -36,7 +36,7 @@ from relay import Pacing
 from routes import Target
 from settings import ModelSettings, Settings, SettingsError, load, secret_values
 from supervisor import StartupError, VllmChild, wait_healthy
-from vllm_command import MASK, build_command, count_gpus, mask, mask_argv, show
+from vllm_command import build_command, count_gpus, mask, show
 
 log = logging.getLogger("worker")
 DEATH_DRAIN_SECONDS = 3.0
@@ -110,32 +110,9 @@ def child_env(env: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in WORKER_ONLY}
 
 
-def loopback_only(extra_args: Sequence[str]) -> None:
-    """SettingsError for VLLM_EXTRA_ARGS that set vLLM's `--host` (abbreviations included):
-    argparse keeps the last value, so it would override 127.0.0.1 and open vLLM's admin
-    routes, which the worker keeps from job input, to the network."""
-    for arg in extra_args:
-        flag = arg.partition("=")[0]
-        if len(flag) > 3 and "--host".startswith(flag):
-            raise SettingsError(f"VLLM_EXTRA_ARGS must not set --host (got {arg!r}): vLLM "
-                                "listens on 127.0.0.1, where only this worker can reach it.")
-
-
-def log_secrets(settings: Settings) -> tuple[str, ...]:
-    """Values to mask in every log line: those of secret-named variables, and those given
-    to secret flags in VLLM_EXTRA_ARGS (`--api-key VALUE`, `--hf-token=VALUE`), which vLLM
-    may print back (an `unrecognized arguments` error quotes them)."""
-    argv = list(settings.vllm_extra_args)
-    hidden = [real.partition("=")[2] if shown.endswith(f"={MASK}") else real
-              for shown, real in zip(mask_argv(argv), argv, strict=True) if shown != real]
-    found = {*settings.secrets, *(value for value in hidden if len(value) >= 4)}
-    return tuple(sorted(found, key=len, reverse=True))
-
-
 def plan_launch(settings: Settings, model: ModelSettings, env: Mapping[str, str]) -> Launch:
     """Locate the weights, pick the parsers and build the command for one model
     (LocatorError or SettingsError when that cannot work)."""
-    loopback_only(settings.vllm_extra_args)
     location = locate(model.name, model.path, settings.hf_home, settings.hub_caches)
     weights = location.model
     if location.is_local:
@@ -207,7 +184,7 @@ def run_startup(env: Mapping[str, str] = os.environ) -> tuple[Settings, list[Ups
         setup_logging(secret_values(env))
         log.error("Invalid setting: %s", exc)
         sys.exit(2)
-    setup_logging(log_secrets(settings))
+    setup_logging(settings.secrets)
     try:
         return settings, start_upstreams(settings, env)
     except (LocatorError, StartupError, SettingsError) as exc:

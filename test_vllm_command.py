@@ -32,7 +32,6 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import signal
 import sys
 import time
@@ -76,22 +75,6 @@ def setting_names() -> tuple[str, ...]:
     load(recorder)
     asked = list(dict.fromkeys(recorder.asked))
     return tuple([n for n in DEFAULTS if n in asked] + [n for n in asked if n not in DEFAULTS])
-
-
-def hidden_flag_values(argv: Sequence[str]) -> list[str]:
-    """Values `mask_argv` hides (`--api-key VALUE`, `--hf-token=VALUE`), to mask everywhere."""
-    found = [real.partition("=")[2] if shown.endswith(f"={MASK}") else real
-             for shown, real in zip(mask_argv(argv), argv, strict=True) if shown != real]
-    return [value for value in found if value]
-
-
-def known_secrets(env: Mapping[str, str]) -> list[str]:
-    """Values never to print: secret-named variables' and secret flags' in VLLM_EXTRA_ARGS."""
-    try:
-        extra = shlex.split(env.get("VLLM_EXTRA_ARGS") or "")
-    except ValueError:
-        extra = []
-    return sorted({*secret_values(env), *hidden_flag_values(extra)}, key=len, reverse=True)
 
 
 def describe_settings(env: Mapping[str, str]) -> list[dict[str, str]]:
@@ -253,7 +236,7 @@ def launch(launches: Sequence[Launch], env: Mapping[str, str], timeout: float,
 
 def diagnose(args: argparse.Namespace, env: Mapping[str, str], report: Report) -> int:
     """The steps of the module docstring, in order; returns the exit code."""
-    report.secrets = known_secrets(env)
+    report.secrets = list(secret_values(env))
     report.say("1. Settings")
     report.data["settings"] = describe_settings(env)
     for row in report.data["settings"]:

@@ -10,14 +10,12 @@ environment the child inherits. `mask` hides any secret that a user put into
 from __future__ import annotations
 
 import os
-import re
 import shlex
 from collections.abc import Mapping, Sequence
 
 from parsers import Choice
-from settings import ModelSettings, Settings
+from settings import SECRET_FLAG, ModelSettings, Settings
 
-_SECRET_FLAG = re.compile(r"^--?[\w-]*(key|token|secret|password)[\w-]*$", re.IGNORECASE)
 MASK = "***"
 
 
@@ -72,7 +70,7 @@ def mask_argv(argv: Sequence[str], secrets: Sequence[str] = ()) -> list[str]:
             hide_next = False
             continue
         flag, eq, _ = item.partition("=")
-        if _SECRET_FLAG.match(flag):
+        if SECRET_FLAG.match(flag):
             if eq:
                 masked.append(f"{flag}={MASK}")
                 continue

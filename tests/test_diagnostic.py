@@ -25,7 +25,7 @@ from pytest_httpserver import HTTPServer
 import preflight
 import test_vllm_command as diagnostic
 from fake_vllm import free_port
-from settings import DEFAULTS, load
+from settings import DEFAULTS, load, secret_flag_values, secret_values
 from startup import plan_launch
 from supervisor import group_members
 
@@ -362,9 +362,9 @@ def test_secret_settings_and_secret_flag_values_are_hidden() -> None:
     rows = diagnostic.describe_settings({"LOCAL_API_KEY": "k3y-value", "MODEL_NAME": "org/m"})
     assert {"name": "LOCAL_API_KEY", "value": "***", "source": "set"} in rows
     assert {"name": "MODEL_NAME", "value": "org/m", "source": "set"} in rows
-    assert diagnostic.hidden_flag_values(["--api-key", "sk-1", "--hf-token=hf_2", "--seed", "3"]
-                                         ) == ["sk-1", "hf_2"]
-    assert diagnostic.known_secrets({"VLLM_EXTRA_ARGS": "--x 'unclosed"}) == []
+    assert secret_flag_values(["--api-key", "sk-1", "--hf-token=hf_2", "--seed", "3"]
+                              ) == ["sk-1", "hf_2"]
+    assert secret_values({"VLLM_EXTRA_ARGS": "--x 'unclosed"}) == ()
 
 
 def test_the_real_cpu_build_loads_and_its_console_script_does_not() -> None:

@@ -21,7 +21,13 @@ import pytest
 from conftest import REPO, real_vllm_python, vllm_processes
 from fake_vllm import free_port
 from supervisor import group_members
-from test_worker import FakePlatform, Worker, kill_worker, serving, sse_data, start_worker
+from test_worker import (
+    FakePlatform,
+    kill_worker,
+    sse_data,
+    start_worker,
+    wait_until,
+)
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -41,14 +47,6 @@ def vllm_leader(port: int) -> int:
     leaders = [pid for pid in vllm_processes(port) if os.getpgid(pid) == pid]
     assert len(leaders) == 1, leaders
     return leaders[0]
-
-
-def wait_for(condition: object, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {seconds} s waiting for {what}")
-        time.sleep(0.05)
 
 
 class RealWorker:
@@ -72,19 +70,10 @@ def real_worker(tmp_path: Path) -> Iterator[RealWorker]:
     each other and everything else on a small machine)."""
     made = RealWorker(tmp_path)
     try:
-        serving_within(made, 900)
+        wait_until(lambda: made.platform.takes > 0, 900, "the first job-take", made.worker)
         yield made
     finally:
         made.close()
-
-
-def serving_within(real: RealWorker, seconds: float) -> Worker:
-    deadline = time.monotonic() + seconds
-    while real.platform.takes == 0:
-        if real.worker.proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"the worker did not start serving:\n{real.worker.log()[-4000:]}")
-        time.sleep(0.2)
-    return serving(real.worker, real.platform)
 
 
 def chat(**body: object) -> dict[str, object]:
@@ -102,7 +91,7 @@ def test_real_vllm_killed_mid_stream_fails_jobs_clearly_and_leaves_no_engine_cor
     streaming = platform.queue_job(chat(max_tokens=7000, stream=True))
     platform.wait(lambda: platform.streams.get(streaming), 60, "the stream's first post")
     waiting = platform.queue_job(chat(max_tokens=7000))
-    wait_for(lambda: f"job {waiting}: POST /v1/chat/completions" in worker.log(), 30,
+    wait_until(lambda: f"job {waiting}: POST /v1/chat/completions" in worker.log(), 30,
              "the second request sent to vLLM")
     platform.hold_stream_posts()
     platform.wait(lambda: platform.held_stream_posts, 10, "a stream post to hold")
@@ -151,17 +140,10 @@ def test_real_vllm_sigterm_lets_the_stream_finish_then_stops_every_vllm_process(
     assert group_members(worker.proc.pid) == []
 
 
-@pytest.fixture
-def platform() -> Iterator[FakePlatform]:
-    made = FakePlatform()
-    made.start()
-    yield made
-    made.stop()
-
-
 def test_real_vllm_not_healthy_in_time_ends_the_worker_with_its_last_lines(
-        tmp_path: Path, platform: FakePlatform) -> None:
+        tmp_path: Path, job_platform: FakePlatform) -> None:
     port = free_port()
+    platform = job_platform
     worker = start_worker(tmp_path, platform, **real_vllm_env(port, VLLM_STARTUP_TIMEOUT="30"))
     try:
         started = time.monotonic()
@@ -179,10 +161,11 @@ def test_real_vllm_not_healthy_in_time_ends_the_worker_with_its_last_lines(
 
 
 def test_real_vllm_refusing_a_mistyped_secret_flag_is_reported_without_the_secret(
-        tmp_path: Path, platform: FakePlatform) -> None:
+        tmp_path: Path, job_platform: FakePlatform) -> None:
     """vLLM's argparse quotes unknown arguments back: the reason is shown, the value masked."""
     secret = "sk-" + os.urandom(12).hex()
     port = free_port()
+    platform = job_platform
     worker = start_worker(tmp_path, platform, **real_vllm_env(
         port, VLLM_EXTRA_ARGS=f"--no-enable-chunked-prefill --api-keys={secret}"))
     try:

@@ -34,6 +34,7 @@ from routes import Target
 from settings import load
 from supervisor import group_members
 from support import SERVED, LocalEndpoint
+from test_diagnostic import stand_in_python
 from test_worker import CHAT, Worker, model_folder, serving
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -288,22 +289,6 @@ def test_an_unauthenticated_client_is_refused_before_its_body_is_read(
 
 # ------------------------------------------------------------- the diagnostic --
 
-def diagnostic_python(directory: Path) -> str:
-    """A VLLM_PYTHON for the diagnostic: `-m ...` runs the stand-in vLLM with the worker's
-    argv, anything else (its `import vllm` check) Python with a stand-in `vllm` package."""
-    package = directory / "site" / "vllm"
-    package.mkdir(parents=True, exist_ok=True)
-    (package / "__init__.py").write_text("__version__ = '0.0.0+stand-in'\n")
-    python, stand_in = shlex.quote(sys.executable), shlex.quote(str(FAKE_VLLM))
-    wrapper = directory / "vllm-python"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f'if [ "$1" = "-m" ]; then exec {python} {stand_in} "$@"; fi\n'
-        f'PYTHONPATH={shlex.quote(str(package.parent))} exec {python} "$@"\n')
-    wrapper.chmod(0o755)
-    return str(wrapper)
-
-
 @pytest.mark.parametrize("failing", [False, True], ids=["launch", "launch-that-fails"])
 def test_the_diagnostic_prints_no_secret_in_text_or_json(
         tmp_path: Path, secrets: dict[str, str], flag_secrets: dict[str, str],
@@ -313,7 +298,7 @@ def test_the_diagnostic_prints_no_secret_in_text_or_json(
     folder = model_folder(tmp_path / "m")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
            "LANG": "C.UTF-8", "CUDA_VISIBLE_DEVICES": "", "HF_HOME": str(tmp_path / "hf"),
-           "VLLM_PYTHON": diagnostic_python(tmp_path), "VLLM_PORT": str(free_port()),
+           "VLLM_PYTHON": stand_in_python(tmp_path), "VLLM_PORT": str(free_port()),
            "MODEL_PATH": str(folder), **secrets,
            "VLLM_EXTRA_ARGS": flag_secrets["VLLM_EXTRA_ARGS"],
            "FAKE_VLLM_PRINT_ENV": "HF_TOKEN", "FAKE_VLLM_PRINT_ARGV": "1"}

@@ -125,6 +125,18 @@ def test_secret_values_are_collected_for_masking() -> None:
     assert set(settings.secrets) == {"hf_abcdefgh", "sk-123456"}
 
 
+def test_values_of_secret_flags_in_extra_args_are_secrets_too() -> None:
+    """vLLM quotes its argv in some errors: `--api-key VALUE` must be masked like HF_TOKEN."""
+    env = {"VLLM_EXTRA_ARGS": "--api-key sk-abcdef --hf-token=hf_xyzxyz --seed 1234"}
+    assert set(load(env).secrets) == {"sk-abcdef", "hf_xyzxyz"}
+
+
+@pytest.mark.parametrize("extra", ["--host 0.0.0.0", "--seed 1 --host=0.0.0.0", "--hos ::"])
+def test_extra_args_may_not_move_vllm_off_loopback(extra: str) -> None:
+    with pytest.raises(SettingsError, match="VLLM_EXTRA_ARGS must not set --host"):
+        load({"VLLM_EXTRA_ARGS": extra})
+
+
 def readme_settings_table() -> dict[str, str]:
     """Variable -> default cell of the README's settings table."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()

@@ -288,27 +288,15 @@ def serving(worker: Worker, platform: FakePlatform) -> Worker:
 
 
 @pytest.fixture
-def platform() -> Iterator[FakePlatform]:
-    made = FakePlatform()
-    made.start()
-    yield made
-    made.stop()
-    made.server.check()  # no request the SDK should not have sent, no error in a handler
+def platform(job_platform: FakePlatform) -> FakePlatform:
+    """The fake job API (conftest's `job_platform`), checked for stray requests at the end."""
+    return job_platform
 
 
 @pytest.fixture
-def launch(tmp_path: Path, platform: FakePlatform) -> Iterator[Callable[..., Worker]]:
-    """Start workers for one test; every process they left is killed afterwards."""
-    workers: list[Worker] = []
-
-    def start(**overrides: str) -> Worker:
-        worker = start_worker(tmp_path / f"worker-{len(workers)}", platform, **overrides)
-        workers.append(worker)
-        return worker
-
-    yield start
-    for worker in workers:
-        kill_worker(worker)
+def launch(start_workers: Callable[..., Worker]) -> Callable[..., Worker]:
+    """Start workers for one test (conftest's `start_workers`): all they leave is killed."""
+    return start_workers
 
 
 @pytest.fixture(scope="module")
