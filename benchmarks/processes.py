@@ -1,6 +1,6 @@
 """The processes a scenario runs beside itself: the stand-in upstream, the local endpoint.
 
-Each is a context manager that starts the process in its own session, waits until it
+Each is a context manager that starts the process in its own process group, waits until it
 answers, and on exit stops its whole process group (SIGTERM, a bounded wait, SIGKILL).
 Their output goes to a log file in the run's work folder, quoted when they fail.
 """
@@ -38,7 +38,7 @@ def free_port() -> int:
 
 
 class Process:
-    """A child process in its own session, logged to `log`."""
+    """A child process in its own process group, logged to `log`."""
 
     def __init__(self, argv: list[str], log: Path, env: Mapping[str, str] | None = None) -> None:
         self.argv, self.log, self.env = argv, log, dict(env or os.environ)
@@ -56,7 +56,7 @@ class Process:
             self.launched = time.monotonic()
             self.proc = subprocess.Popen(self.argv, cwd=PROJECT, env=self.env,
                                          stdin=subprocess.DEVNULL, stdout=sink,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, process_group=0)
 
     def tail(self, lines: int = 30) -> str:
         try:

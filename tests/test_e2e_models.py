@@ -83,7 +83,7 @@ def models_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEn
     log = tmp / "endpoint.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(["make", "-s", "run", f"PORT={port}"], cwd=REPO, env=env,
-                                   stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+                                   stdout=sink, stderr=subprocess.STDOUT, process_group=0)
     endpoint = RealEndpoint(f"http://127.0.0.1:{port}/v2/local", LOCAL_KEY,
                             f"http://127.0.0.1:{vllm_port}", "tiny-chat", log, process)
     try:

@@ -187,7 +187,7 @@ def endpoint_process(tmp_path: Path, upstream: HTTPServer, env: dict[str, str],
     with log.open("wb") as sink:
         process = subprocess.Popen([sys.executable, "local_endpoint.py", "--port", str(port),
                                     *args], cwd=PROJECT, env=full_env, stdout=sink,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.STDOUT, process_group=0)
     try:
         deadline = time.monotonic() + 20
         while "Local endpoint ready" not in log.read_text(errors="replace"):

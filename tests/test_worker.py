@@ -262,7 +262,7 @@ def start_worker(directory: Path, platform: FakePlatform, **overrides: str) -> W
     log_file = (directory / "worker.log").open("wb")
     proc = subprocess.Popen([sys.executable, "handler.py"], cwd=PROJECT, env=env,
                             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            process_group=0)
     return Worker(proc, directory, log_file)
 
 
