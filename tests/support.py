@@ -19,7 +19,8 @@ import uvicorn
 from werkzeug import Response
 
 import handler
-from local_endpoint import Jobs, build_app
+from local_endpoint import build_app
+from local_jobs import Jobs
 from proxy import Proxy
 
 T = TypeVar("T")
@@ -78,7 +79,7 @@ def run_readme_example(name: str, endpoint_url: str, api_key: str) -> str:
 
 
 class LocalEndpoint:
-    """The local endpoint (local_endpoint.Jobs + build_app, as `main` wires them) served by
+    """The local endpoint (local_jobs.Jobs + build_app, as `main` wires them) served by
     uvicorn in a thread, in front of `proxy`; `url` is its /v2/<id> base, `loop` its loop."""
 
     def __init__(self, proxy: Proxy, max_concurrency: int = 4, api_key: str | None = None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
@@ -14,7 +13,6 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
-from local_endpoint import Jobs
 from proxy import Proxy
 from relay import Pacing
 from routes import Target
@@ -222,20 +220,3 @@ def test_bodies_over_the_limit_are_refused_with_413(fake_vllm: HTTPServer) -> No
 def test_malformed_requests_get_400(endpoint: LocalEndpoint, body: bytes, words: str) -> None:
     answer = httpx.post(f"{endpoint.url}/runsync", content=body)
     assert answer.status_code == 400 and words in answer.json()["error"]["message"]
-
-
-def test_jobs_run_the_handler_the_way_the_sdk_does() -> None:
-    """An `error` yield fails the job even after output; other yields are the output list."""
-
-    async def scripted(job: dict[str, Any]) -> Any:
-        yield "a"
-        yield {"error": "boom"}
-        yield "never"
-
-    async def scenario() -> tuple[str, list[Any], str | None]:
-        jobs = Jobs(scripted, 1)
-        job = jobs.submit({}, "/run")
-        await job.wait(lambda: job.done)
-        return job.status, job.items, job.error
-
-    assert asyncio.run(scenario()) == ("FAILED", ["a"], "boom")
