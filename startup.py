@@ -35,13 +35,13 @@ from proxy import Proxy
 from relay import Pacing
 from routes import Target
 from settings import ModelSettings, Settings, SettingsError, load, secret_values
-from supervisor import StartupError, VllmChild, wait_healthy
+from supervisor import STOP_GRACE, StartupError, VllmChild, wait_healthy
 from vllm_command import build_command, count_gpus, mask, show
 
 log = logging.getLogger("worker")
 DEATH_DRAIN_SECONDS = 3.0
 # What is left of a vLLM that died (its engine core, workers) has no answer to finish and
-# holds GPU memory: it gets this long after SIGTERM, not a healthy server's 10 s, so the
+# holds GPU memory: it gets this long after SIGTERM, not a healthy server's STOP_GRACE, so the
 # worker is gone within 5 s of the death even when an orphan ignores SIGTERM.
 DEATH_STOP_GRACE = 1.0
 
@@ -84,7 +84,7 @@ class Upstream:
     def exit_reason(self, timeout: float = 0) -> str | None:
         return self.child.exit_reason(timeout) if self.child else None
 
-    def stop(self, grace: float = 10) -> None:
+    def stop(self, grace: float = STOP_GRACE) -> None:
         if self.child is not None:
             self.child.stop(grace)
 
@@ -178,13 +178,12 @@ def discover_routes(target: Target) -> Target:
 
 def run_startup(env: Mapping[str, str] = os.environ) -> tuple[Settings, list[Upstream]]:
     """Settings, logging and healthy vLLMs; on failure, log why and exit (2: settings, 1: else)."""
+    setup_logging(secret_values(env))
     try:
         settings = load(env)
     except SettingsError as exc:
-        setup_logging(secret_values(env))
         log.error("Invalid setting: %s", exc)
         sys.exit(2)
-    setup_logging(settings.secrets)
     try:
         return settings, start_upstreams(settings, env)
     except (LocatorError, StartupError, SettingsError) as exc:
@@ -205,7 +204,7 @@ def make_proxy(settings: Settings, upstreams: Sequence[Upstream]) -> Proxy:
                  settings.default_max_tokens, exit_reason)
 
 
-def stop_all(upstreams: Sequence[Upstream], grace: float = 10) -> None:
+def stop_all(upstreams: Sequence[Upstream], grace: float = STOP_GRACE) -> None:
     """Stop every child at once (each gets the same grace period, not one after another)."""
     stoppers = [threading.Thread(target=u.stop, args=(grace,)) for u in upstreams]
     for stopper in stoppers:
@@ -250,7 +249,7 @@ class Supervision:
                  signal.Signals(signum).name, self.grace)
         threading.Thread(target=self._end, args=(self.grace, 0), daemon=True).start()
 
-    def _end(self, drain_seconds: float, code: int, stop_grace: float = 10) -> None:
+    def _end(self, drain_seconds: float, code: int, stop_grace: float = STOP_GRACE) -> None:
         if not self._ending.acquire(blocking=False):
             return
         deadline = time.monotonic() + drain_seconds

@@ -31,6 +31,7 @@ from tenacity import (
 )
 
 log = logging.getLogger("worker.supervisor")
+STOP_GRACE = 10.0  # seconds a stopping vLLM gets between SIGTERM and SIGKILL
 vllm_log = logging.getLogger("vllm")
 
 
@@ -120,7 +121,7 @@ class VllmChild:
         assert self._proc is not None
         return describe_exit(self._proc.wait())
 
-    def stop(self, grace: float = 10) -> None:
+    def stop(self, grace: float = STOP_GRACE) -> None:
         """Stop the whole group: SIGTERM, up to `grace` s, then SIGKILL; reap. Idempotent."""
         if self._proc is None:
             return

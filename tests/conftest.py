@@ -21,9 +21,8 @@ from werkzeug import Request, Response
 import handler
 from proxy import Proxy
 from relay import Pacing
-from routes import Target
 from supervisor import group_members
-from support import SERVED
+from support import proxy_to
 from test_worker import FakePlatform, Worker, kill_worker, start_worker
 
 
@@ -46,8 +45,7 @@ def fake_vllm(fake_vllm_server: HTTPServer) -> Iterator[HTTPServer]:
 @pytest.fixture
 def proxy(fake_vllm: HTTPServer) -> Iterator[Proxy]:
     """The handler's proxy, pointed at the fake vLLM."""
-    made = handler.configure(Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")),
-                                   request_timeout=5, pacing=Pacing(0)))
+    made = handler.configure(proxy_to(fake_vllm, request_timeout=5, pacing=Pacing(0)))
     yield made
     handler.configure(None)  # type: ignore[arg-type]
 

@@ -16,20 +16,28 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import uvicorn
+from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
 import handler
 from local_endpoint import build_app
 from local_jobs import Jobs
 from proxy import Proxy
+from routes import Target
 
 T = TypeVar("T")
 
 SERVED = "test-org/test-model"
 
 
-def run_job(proxy: Proxy, job_input: Any) -> list[Any]:
-    """Drive `handler` the way the Runpod SDK does and return everything it yielded."""
+def proxy_to(fake_vllm: HTTPServer, **options: Any) -> Proxy:
+    """A proxy to the fake vLLM, serving SERVED; `options` as Proxy takes them."""
+    return Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")), **options)
+
+
+def run_job(proxy: Proxy, job_input: Any, deadline: float | None = None) -> list[Any]:
+    """Drive `handler` the way the Runpod SDK does and return everything it yielded
+    (failing if the job still runs after `deadline` seconds)."""
 
     async def drive() -> list[Any]:
         try:
@@ -37,7 +45,7 @@ def run_job(proxy: Proxy, job_input: Any) -> list[Any]:
         finally:
             await proxy.aclose()
 
-    return asyncio.run(drive())
+    return asyncio.run(asyncio.wait_for(drive(), deadline))
 
 
 def job_error(items: list[Any]) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from proxy import Proxy
 from relay import Pacing
 from routes import Target
 from supervisor import group_members
-from support import SERVED, LocalEndpoint, job_error
+from support import SERVED, LocalEndpoint, job_error, proxy_to, run_job
 from test_worker import CHAT, Worker, serving, sse_data, wait_until
 
 ROUNDS = 100
@@ -187,14 +187,7 @@ def release() -> Iterator[threading.Event]:
 def timed_job(proxy: Proxy, job_input: Any, deadline: float) -> tuple[list[Any], float]:
     """The job's yields and how long it took; failing if it is still running at `deadline`."""
     started = time.monotonic()
-
-    async def drive() -> list[Any]:
-        try:
-            return [item async for item in handler.handler({"id": "t", "input": job_input})]
-        finally:
-            await proxy.aclose()
-
-    items = asyncio.run(asyncio.wait_for(drive(), deadline))
+    items = run_job(proxy, job_input, deadline)
     return items, time.monotonic() - started
 
 
@@ -202,8 +195,7 @@ def test_a_stream_that_goes_silent_ends_with_an_in_band_504_after_the_idle_timeo
         fake_vllm: HTTPServer, release: threading.Event) -> None:
     fake_vllm.expect_request("/v1/chat/completions").respond_with_response(
         Response(stalled_stream(3, release), content_type="text/event-stream"))
-    proxy = handler.configure(Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")),
-                                    request_timeout=0.5, pacing=Pacing(0)))
+    proxy = handler.configure(proxy_to(fake_vllm, request_timeout=0.5, pacing=Pacing(0)))
     assert proxy is not None
 
     items, took = timed_job(proxy, {"messages": [], "stream": True}, deadline=10)
@@ -218,8 +210,7 @@ def test_a_stream_silent_from_its_first_byte_fails_the_job_with_504(
         fake_vllm: HTTPServer, release: threading.Event) -> None:
     fake_vllm.expect_request("/v1/chat/completions").respond_with_response(
         Response(stalled_stream(0, release), content_type="text/event-stream"))
-    proxy = handler.configure(Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")),
-                                    request_timeout=0.5, pacing=Pacing(0)))
+    proxy = handler.configure(proxy_to(fake_vllm, request_timeout=0.5, pacing=Pacing(0)))
     assert proxy is not None
 
     items, took = timed_job(proxy, {"messages": [], "stream": True}, deadline=10)
@@ -239,8 +230,7 @@ def test_a_generation_ten_times_longer_than_the_idle_timeout_is_not_cut(
 
     fake_vllm.expect_request("/v1/chat/completions").respond_with_response(
         Response(live(), content_type="text/event-stream"))
-    proxy = handler.configure(Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")),
-                                    request_timeout=0.3, pacing=Pacing(0)))
+    proxy = handler.configure(proxy_to(fake_vllm, request_timeout=0.3, pacing=Pacing(0)))
     assert proxy is not None
 
     items, took = timed_job(proxy, {"messages": [], "stream": True}, deadline=20)
@@ -253,8 +243,7 @@ def test_the_local_endpoint_ends_a_silent_stream_for_its_client(
         fake_vllm: HTTPServer, release: threading.Event) -> None:
     fake_vllm.expect_request("/v1/chat/completions").respond_with_response(
         Response(stalled_stream(2, release), content_type="text/event-stream"))
-    proxy = Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")), request_timeout=0.5,
-                  pacing=Pacing(0))
+    proxy = proxy_to(fake_vllm, request_timeout=0.5, pacing=Pacing(0))
     with LocalEndpoint(proxy) as endpoint:
         answer = httpx.post(f"{endpoint.url}/openai/v1/chat/completions", timeout=10,
                             json={"messages": [], "stream": True})

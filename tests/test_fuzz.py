@@ -30,7 +30,7 @@ import handler
 from proxy import Proxy
 from relay import Pacing
 from routes import ALIASES, UPSTREAM_ROUTES, Target, resolve_route
-from support import SERVED, LocalEndpoint, job_error, run_job
+from support import SERVED, LocalEndpoint, job_error, proxy_to, run_job
 
 DEFAULT_EXAMPLES = 300  # per property; FUZZ_EXAMPLES sets another number
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES") or DEFAULT_EXAMPLES)
@@ -340,7 +340,7 @@ ENDPOINT_PATHS = [
 def test_hostile_paths_under_the_local_endpoints_openai_base_never_reach_vllm(
         fake_vllm: HTTPServer, path: str) -> None:
     """Sent raw (no client-side normalisation of `..` or percent-escapes)."""
-    proxy = Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")), request_timeout=5)
+    proxy = proxy_to(fake_vllm, request_timeout=5)
     with LocalEndpoint(proxy) as endpoint:
         connection = http.client.HTTPConnection("127.0.0.1", endpoint.port, timeout=10)
         try:
@@ -356,7 +356,7 @@ def test_hostile_paths_under_the_local_endpoints_openai_base_never_reach_vllm(
 
 def test_a_query_string_on_the_local_endpoint_never_reaches_vllm(fake_vllm: HTTPServer) -> None:
     fake_vllm.expect_request("/v1/chat/completions").respond_with_json(ANSWER)
-    proxy = Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")), request_timeout=5)
+    proxy = proxy_to(fake_vllm, request_timeout=5)
     with LocalEndpoint(proxy) as endpoint:
         connection = http.client.HTTPConnection("127.0.0.1", endpoint.port, timeout=10)
         try:

@@ -18,7 +18,7 @@ import handler
 from proxy import Proxy
 from relay import Pacing
 from routes import ALIASES, UPSTREAM_ROUTES, Target
-from support import SERVED, job_error, run_job, sse
+from support import SERVED, job_error, proxy_to, run_job, sse
 
 CHAT_BODY = {"id": "chatcmpl-1", "object": "chat.completion",
              "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]}
@@ -262,8 +262,7 @@ def test_silent_vllm_times_out_with_504_naming_the_setting(fake_vllm: HTTPServer
         return Response("{}", content_type="application/json")
 
     fake_vllm.expect_request("/v1/chat/completions").respond_with_handler(hang)
-    proxy = handler.configure(Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")),
-                                    request_timeout=0.3))
+    proxy = handler.configure(proxy_to(fake_vllm, request_timeout=0.3))
     try:
         error = job_error(run_job(proxy, {"messages": []}))
     finally:
@@ -279,8 +278,7 @@ def test_a_long_but_live_stream_is_not_cut_by_the_request_timeout(fake_vllm: HTT
 
     fake_vllm.expect_request("/v1/chat/completions").respond_with_response(
         Response(slow(), content_type="text/event-stream"))
-    proxy = handler.configure(Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")),
-                                    request_timeout=0.5, pacing=Pacing(0)))
+    proxy = handler.configure(proxy_to(fake_vllm, request_timeout=0.5, pacing=Pacing(0)))
     items = run_job(proxy, {"messages": [], "stream": True})
     assert "".join(items) == "".join(f"data: {i}\n\n" for i in range(8))
 

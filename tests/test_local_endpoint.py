@@ -15,13 +15,11 @@ from werkzeug import Response
 
 from proxy import Proxy
 from relay import Pacing
-from routes import Target
-from support import SERVED, LocalEndpoint
+from support import SERVED, LocalEndpoint, proxy_to
 
 
 def fake_proxy(fake_vllm: HTTPServer) -> Proxy:
-    return Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")), request_timeout=5,
-                 pacing=Pacing(0))
+    return proxy_to(fake_vllm, request_timeout=5, pacing=Pacing(0))
 
 
 @pytest.fixture

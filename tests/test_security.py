@@ -29,16 +29,13 @@ from pytest_httpserver import HTTPServer
 import local_endpoint
 from conftest import JobPlatform
 from fake_vllm import free_port
-from proxy import Proxy
-from routes import Target
 from settings import load
 from supervisor import group_members
-from support import SERVED, LocalEndpoint
+from support import SERVED, LocalEndpoint, proxy_to
 from test_diagnostic import stand_in_python
 from test_worker import CHAT, Worker, model_folder, serving
 
 PROJECT = Path(__file__).resolve().parent.parent
-FAKE_VLLM = Path(__file__).resolve().parent / "fake_vllm.py"
 
 
 def fresh(prefix: str) -> str:
@@ -250,7 +247,7 @@ def test_the_api_key_is_compared_in_constant_time_on_every_request(
         return constant_time(given, expected)
 
     monkeypatch.setattr(local_endpoint.hmac, "compare_digest", recording)
-    proxy = Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")))
+    proxy = proxy_to(fake_vllm)
     guesses = [b"Bearer", b"Bearer k", b"Bearer the-key-", b"bearer the-key-0",
                b"Bearer the-key-0" * 50]
     with LocalEndpoint(proxy, api_key="the-key-0") as endpoint:
@@ -272,7 +269,7 @@ def test_a_chunked_body_over_the_limit_is_refused_without_a_content_length(
             yield b"x" * 500
         yield b'"}]}}'
 
-    proxy = Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")))
+    proxy = proxy_to(fake_vllm)
     with LocalEndpoint(proxy, max_body=1000) as endpoint:
         answer = httpx.post(f"{endpoint.url}{path}", content=chunks())
     assert answer.status_code == 413 and "1000 bytes" in answer.json()["error"]["message"]
@@ -281,7 +278,7 @@ def test_a_chunked_body_over_the_limit_is_refused_without_a_content_length(
 
 def test_an_unauthenticated_client_is_refused_before_its_body_is_read(
         fake_vllm: HTTPServer) -> None:
-    proxy = Proxy(Target(SERVED, fake_vllm.url_for("/").rstrip("/")))
+    proxy = proxy_to(fake_vllm)
     with LocalEndpoint(proxy, api_key="k3y-value", max_body=1000) as endpoint:
         answer = httpx.post(f"{endpoint.url}/runsync", content=b"x" * 5000)
     assert answer.status_code == 401
