@@ -58,9 +58,9 @@ $(VLLM_VENV)/.ready:
 	$(VLLM_VENV)/bin/pip uninstall --disable-pip-version-check -y torchvision torchaudio torchcodec
 	@touch $@
 
-$(TINY_MODEL)/.built: tiny_model.py $(VLLM_VENV)/.ready
+$(TINY_MODEL)/.built: tools/tiny_model.py $(VLLM_VENV)/.ready
 	@echo "==> The tiny offline test model in $(TINY_MODEL)"
-	$(VLLM_VENV)/bin/python tiny_model.py $(TINY_MODEL)
+	$(VLLM_VENV)/bin/python tools/tiny_model.py $(TINY_MODEL)
 	@touch $@
 
 # The tests' reference embeddings: sentence-transformers and the all-MiniLM-L6-v2 weights

@@ -4,7 +4,8 @@
 fails carries this object as JSON text in its `error` field (the Runpod SDK
 turns a yielded `{"error": <str>}` into a FAILED job with exactly that text);
 the local endpoint turns it back into the HTTP status and body. Errors that
-happen after a stream has started are sent in-band, in the stream's own format.
+happen after a stream has started are sent in-band, in the stream's own format
+(sse.error_event).
 """
 
 from __future__ import annotations
@@ -92,15 +93,3 @@ def parse_job_error(error: str) -> tuple[int, dict[str, Any]]:
     except (ValueError, TypeError, KeyError):
         pass
     return 500, error_body(500, "The job failed inside the worker; see the worker's log.")
-
-
-def stream_error_event(kind: str, error: ProxyError) -> str:
-    """An in-band error event in the format of the stream it interrupts."""
-    if kind == "responses":
-        event = {"type": "error", "code": str(error.status), "message": error.message,
-                 "param": error.param}
-        return f"event: error\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
-    if kind == "messages":
-        event = {"type": "error", "error": {"type": "api_error", "message": error.message}}
-        return f"event: error\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
-    return f"data: {json.dumps(error.body(), ensure_ascii=False)}\n\ndata: [DONE]\n\n"

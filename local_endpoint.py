@@ -22,11 +22,9 @@ import contextlib
 import hmac
 import json
 import logging
-import signal
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import uvicorn
 from starlette.applications import Starlette
@@ -35,12 +33,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-import handler
 from errors import ProxyError, error_body, parse_job_error
-from local_jobs import Job, Jobs
+from handler import make_handler
+from local_jobs import Job, Jobs, follow
+from serving import serving
 
 log = logging.getLogger("worker.local")
 STREAM_POLL_SECONDS = 5.0  # /stream waits this long for news (the runpod client times out at 10)
+RUNSYNC_WAIT_MS = 90_000  # /runsync's default wait, as Runpod's
+T = TypeVar("T")
 
 
 class RequireKey:
@@ -59,10 +60,6 @@ class RequireKey:
                 await JSONResponse(body, 401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(error_body(status, message), status)
 
 
 async def _read_json(request: Request, limit: int) -> Any:
@@ -86,8 +83,11 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
-async def _unless_disconnected(request: Request, waiting: Awaitable[Any]) -> bool:
-    """Await `waiting`; False (and it cancelled) if the client goes away first."""
+_GONE = object()  # what _unless_disconnected gives when the client left first
+
+
+async def _unless_disconnected(request: Request, waiting: Awaitable[T]) -> T | object:
+    """`waiting`'s result, or _GONE (and it cancelled) if the client goes away first."""
     work = asyncio.ensure_future(waiting)
     gone = asyncio.create_task(_until_disconnect(request))
     try:
@@ -95,91 +95,51 @@ async def _unless_disconnected(request: Request, waiting: Awaitable[Any]) -> boo
     finally:
         gone.cancel()
         work.cancel()
-    return work.done() and not work.cancelled()
+    return work.result() if work.done() and not work.cancelled() else _GONE
 
 
-def build_app(jobs: Jobs, api_key: str | None = None, max_body: int = 20 << 20,
-              on_shutdown: Callable[[], Awaitable[None]] | None = None) -> ASGIApp:
-    """The endpoint's ASGI app around a job runner."""
+def _wait_seconds(request: Request) -> float:
+    """/runsync's `?wait=` in seconds: whole milliseconds, 1000 to 300000, as Runpod takes."""
+    raw = request.query_params.get("wait", str(RUNSYNC_WAIT_MS))
+    if not raw.isdigit() or not 1000 <= int(raw) <= 300_000:
+        raise ProxyError(400, f"wait={raw[:40]!r} is not valid: it must be a whole number of "
+                              "milliseconds from 1000 to 300000.", "wait")
+    return int(raw) / 1000
 
-    async def body_input(request: Request) -> Any:
-        body = await _read_json(request, max_body)
-        if not isinstance(body, dict) or "input" not in body:
-            raise ProxyError(400, 'The request body must be {"input": {...}}.')
-        return body["input"]
 
-    async def run(request: Request) -> Response:
-        job = jobs.submit(await body_input(request), "/run")
-        return JSONResponse({"id": job.id, "status": job.status})
+class Endpoint:
+    """The endpoint's ASGI app (`app`) around a job table. While `stopping()`, new jobs are
+    refused with a 503 and status, stream and cancel calls still work; `in_flight` counts
+    the jobs and the answers still being written, for the drain."""
 
-    async def runsync(request: Request) -> Response:
-        job = jobs.submit(await body_input(request), "/runsync")
-        wait = float(request.query_params.get("wait", 90000)) / 1000
-        await job.wait(lambda: job.done, min(max(wait, 0), 300))
-        return JSONResponse(job.view())
+    def __init__(self, jobs: Jobs, api_key: str | None = None, max_body: int = 20 << 20,
+                 stopping: Callable[[], bool] = lambda: False) -> None:
+        self.jobs = jobs
+        self.max_body = max_body
+        self.stopping = stopping
+        self.writing = 0  # OpenAI answers being written now
+        base = "/v2/{endpoint_id}"
+        routes = [
+            Route(f"{base}/run", self._guarded(self.run), methods=["POST"]),
+            Route(f"{base}/runsync", self._guarded(self.runsync), methods=["POST"]),
+            Route(f"{base}/status/{{job_id}}", self._guarded(self.status),
+                  methods=["GET", "POST"]),
+            Route(f"{base}/stream/{{job_id}}", self._guarded(self.stream),
+                  methods=["GET", "POST"]),
+            Route(f"{base}/cancel/{{job_id}}", self._guarded(self.cancel), methods=["POST"]),
+            Route(f"{base}/purge-queue", self._guarded(self.purge_queue), methods=["POST"]),
+            Route(f"{base}/health", self._guarded(self.health), methods=["GET"]),
+            Route(f"{base}/openai/v1/{{path:path}}", self._guarded(self.openai),
+                  methods=["GET", "POST"]),
+        ]
+        self.app: ASGIApp = RequireKey(Starlette(routes=routes), api_key)
 
-    def find(request: Request) -> Job:
-        job = jobs.jobs.get(request.path_params["job_id"])
-        if job is None:
-            raise ProxyError(404, f"No job {request.path_params['job_id']!r} on this endpoint.")
-        return job
+    def in_flight(self) -> int:
+        return self.jobs.unfinished() + self.writing
 
-    async def status(request: Request) -> Response:
-        return JSONResponse(find(request).view())
-
-    async def stream(request: Request) -> Response:
-        job = find(request)
-        await job.wait(lambda: len(job.items) > job.streamed or job.done, STREAM_POLL_SECONDS)
-        new = job.items[job.streamed:]
-        job.streamed += len(new)
-        shown = {"status": job.status, "stream": [{"output": item} for item in new]}
-        if job.error is not None:
-            shown["error"] = job.error
-        return JSONResponse(shown)
-
-    async def cancel(request: Request) -> Response:
-        job = find(request)
-        if job.task is not None and not job.done:
-            job.task.cancel()
-            await job.wait(lambda: job.done)
-        return JSONResponse({"id": job.id, "status": job.status})
-
-    async def purge_queue(request: Request) -> Response:
-        queued = [job for job in jobs.jobs.values() if job.status == "IN_QUEUE"]
-        for job in queued:
-            if job.task is not None:
-                job.task.cancel()
-        return JSONResponse({"removed": len(queued), "status": "completed"})
-
-    async def health(request: Request) -> Response:
-        running = jobs.counts()["inProgress"]
-        return JSONResponse({"jobs": jobs.counts(),
-                             "workers": {"idle": int(running == 0), "running": int(running > 0)}})
-
-    async def openai(request: Request) -> Response:
-        route = "/v1/" + request.path_params["path"]
-        job_input: dict[str, Any] = {"openai_route": route}
-        if request.method == "POST":
-            job_input["openai_input"] = await _read_json(request, max_body)
-        job = jobs.submit(job_input, "/openai" + route)
-        started = await _unless_disconnected(request, job.wait(lambda: bool(job.items) or job.done))
-        if not started:
-            return _cancelled(job)
-        if not job.items:
-            if job.status == "CANCELLED":
-                return _error(503, "The job was cancelled.")
-            code, body = parse_job_error(job.error or "")
-            return JSONResponse(body, code)
-        if isinstance(job.items[0], str):
-            return StreamingResponse(_relay(job), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})
-        if not await _unless_disconnected(request, job.wait(lambda: job.done)):
-            return _cancelled(job)
-        return JSONResponse(job.items[0])
-
-    def guarded(endpoint: Callable[[Request], Awaitable[Response]]
-                ) -> Callable[[Request], Awaitable[Response]]:
+    @staticmethod
+    def _guarded(endpoint: Callable[[Request], Awaitable[Response]]
+                 ) -> Callable[[Request], Awaitable[Response]]:
         async def answer(request: Request) -> Response:
             try:
                 return await endpoint(request)
@@ -187,60 +147,128 @@ def build_app(jobs: Jobs, api_key: str | None = None, max_body: int = 20 << 20,
                 return JSONResponse(exc.body(), exc.status)
         return answer
 
-    base = "/v2/{endpoint_id}"
-    routes = [
-        Route(f"{base}/run", guarded(run), methods=["POST"]),
-        Route(f"{base}/runsync", guarded(runsync), methods=["POST"]),
-        Route(f"{base}/status/{{job_id}}", guarded(status), methods=["GET", "POST"]),
-        Route(f"{base}/stream/{{job_id}}", guarded(stream), methods=["GET", "POST"]),
-        Route(f"{base}/cancel/{{job_id}}", guarded(cancel), methods=["POST"]),
-        Route(f"{base}/purge-queue", guarded(purge_queue), methods=["POST"]),
-        Route(f"{base}/health", guarded(health), methods=["GET"]),
-        Route(f"{base}/openai/v1/{{path:path}}", guarded(openai), methods=["GET", "POST"]),
-    ]
+    def _submit(self, job_input: Any, route: str) -> Job:
+        if self.stopping():
+            raise ProxyError(503, "The worker is stopping: it takes no new jobs.")
+        return self.jobs.submit(job_input, route)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        if on_shutdown is not None:
-            await on_shutdown()
+    async def _body_input(self, request: Request) -> Any:
+        body = await _read_json(request, self.max_body)
+        if not isinstance(body, dict) or "input" not in body:
+            raise ProxyError(400, 'The request body must be {"input": {...}}.')
+        return body["input"]
 
-    return RequireKey(Starlette(routes=routes, lifespan=lifespan), api_key)
+    def _find(self, request: Request) -> Job:
+        job = self.jobs.get(request.path_params["job_id"])
+        if job is None:
+            raise ProxyError(404, f"No job {request.path_params['job_id']!r} on this endpoint.")
+        return job
+
+    async def run(self, request: Request) -> Response:
+        job = self._submit(await self._body_input(request), "/run")
+        return JSONResponse({"id": job.id, "status": job.status})
+
+    async def runsync(self, request: Request) -> Response:
+        wait = _wait_seconds(request)
+        job = self._submit(await self._body_input(request), "/runsync")
+        await job.wait(lambda: job.done, wait)
+        return JSONResponse(job.view())
+
+    async def status(self, request: Request) -> Response:
+        return JSONResponse(self._find(request).view())
+
+    async def stream(self, request: Request) -> Response:
+        job = self._find(request)
+        await job.wait(lambda: job.has_new() or job.done, STREAM_POLL_SECONDS)
+        shown = {"status": job.status, "stream": [{"output": item} for item in job.take_new()]}
+        if job.error is not None:
+            shown["error"] = job.error
+        return JSONResponse(shown)
+
+    async def cancel(self, request: Request) -> Response:
+        job = self._find(request)
+        await self.jobs.cancel(job)
+        return JSONResponse({"id": job.id, "status": job.status})
+
+    async def purge_queue(self, request: Request) -> Response:
+        return JSONResponse({"removed": self.jobs.cancel_queued(), "status": "completed"})
+
+    async def health(self, request: Request) -> Response:
+        counts = self.jobs.counts()
+        running = counts["inProgress"]
+        return JSONResponse({"jobs": counts,
+                             "workers": {"idle": int(running == 0), "running": int(running > 0)}})
+
+    async def openai(self, request: Request) -> Response:
+        route = "/v1/" + request.path_params["path"]
+        job_input: dict[str, Any] = {"openai_route": route}
+        if request.method == "POST":
+            job_input["openai_input"] = await _read_json(request, self.max_body)
+        job = self._submit(job_input, "/openai" + route)
+        items = follow(job)
+        first = await _unless_disconnected(request, anext(items, None))
+        if first is _GONE:
+            self.jobs.drop(job)
+            return Response(status_code=499)
+        if first is None:  # ended without output: failed or cancelled
+            await job.wait(lambda: job.done)
+            if job.status == "CANCELLED":
+                return _error(503, "The job was cancelled.")
+            code, body = parse_job_error(job.error or "")
+            return JSONResponse(body, code)
+        if isinstance(first, str):
+            self.writing += 1
+            return _Stream(self._relay(job, first, items), lambda: self._written(job))
+        if await _unless_disconnected(request, job.wait(lambda: job.done)) is _GONE:
+            self.jobs.drop(job)
+            return Response(status_code=499)
+        return JSONResponse(first)
+
+    @staticmethod
+    async def _relay(job: Job, first: str, items: AsyncIterator[Any]) -> AsyncIterator[str]:
+        """A streamed job's yields as they come, and its error if it failed after them."""
+        yield first
+        async for item in items:
+            yield item if isinstance(item, str) else f"data: {json.dumps(item)}\n\n"
+        await job.wait(lambda: job.done)
+        if job.error is not None:
+            yield f"data: {job.error}\n\n"
+
+    def _written(self, job: Job) -> None:
+        """An answer is over, written or not: a job its client left is cancelled."""
+        self.writing -= 1
+        self.jobs.drop(job)
 
 
-def _cancelled(job: Job) -> Response:
-    if job.task is not None:
-        job.task.cancel()
-    return Response(status_code=499)
+class _Stream(StreamingResponse):
+    """An SSE answer that calls `closed` once it is over, however it ended (even when the
+    client left before the first byte, when the body iterator never starts)."""
+
+    def __init__(self, content: AsyncIterator[str], closed: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.closed = closed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.closed()
 
 
-async def _relay(job: Job) -> AsyncIterator[str]:
-    """A job's yields as they come; the client going away cancels the job."""
-    sent = 0
-
-    def more() -> bool:
-        return len(job.items) > sent or job.done
-
-    try:
-        while True:
-            await job.wait(more)
-            while sent < len(job.items):
-                item = job.items[sent]
-                sent += 1
-                yield item if isinstance(item, str) else f"data: {json.dumps(item)}\n\n"
-            if job.done:
-                if job.error is not None:
-                    yield f"data: {job.error}\n\n"
-                return
-    finally:
-        if job.task is not None and not job.done:
-            job.task.cancel()
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(error_body(status, message), status)
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, announcing the base URL once the socket listens."""
+    """uvicorn, announcing the base URL once the socket listens. The serve context owns
+    SIGTERM and SIGINT (one drain for the whole worker), so uvicorn leaves them alone."""
 
     banner = ""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
     async def startup(self, sockets: list[Any] | None = None) -> None:
         await super().startup(sockets)
@@ -265,36 +293,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args(argv)
-    from startup import Supervision, make_proxy, run_startup, stop_all
-
-    settings, upstreams = run_startup()
-    proxy = handler.configure(make_proxy(settings, upstreams))
-    assert proxy is not None
-    jobs = Jobs(handler.handler, settings.max_concurrency)
-    Supervision(upstreams, proxy, jobs.unfinished, settings.shutdown_grace_period).watch()
-
-    async def drain() -> None:
-        deadline = time.monotonic() + settings.shutdown_grace_period
-        while jobs.unfinished() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for job in list(jobs.jobs.values()):
-            if job.task is not None and not job.done:
-                job.task.cancel()
-        await proxy.aclose()
-
-    app = build_app(jobs, settings.local_api_key, settings.local_max_body_bytes, drain)
-    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                    timeout_graceful_shutdown=settings.shutdown_grace_period))
-    server.banner = _banner(args.host, args.port, settings.served_model_name,
-                            settings.local_api_key)
-    # uvicorn re-raises the stop signal after its graceful shutdown: let that return here.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: None)
-    try:
+    with serving() as service:
+        settings, proxy = service.settings, service.proxy
+        assert proxy is not None
+        jobs = Jobs(make_handler(proxy), settings.max_concurrency)
+        endpoint = Endpoint(jobs, settings.local_api_key, settings.local_max_body_bytes,
+                            lambda: service.stopping)
+        service.in_flight = endpoint.in_flight
+        server = _Server(uvicorn.Config(endpoint.app, host=args.host, port=args.port,
+                                        log_level="warning"))
+        server.banner = _banner(args.host, args.port, settings.served_model_name,
+                                settings.local_api_key)
         server.run()
-    finally:
-        log.info("Stopping vLLM")
-        stop_all(upstreams)
     sys.exit(0 if server.started else 1)
 
 

@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch_plan import Launch, child_env
 from model_locator import WEIGHT_SUFFIXES
 from settings import Settings
-from startup import Launch, child_env
 
 IMPORT_TIMEOUT = 300.0  # importing vLLM takes 10-60 s; a hung import is reported, not awaited
 _IMPORT_VLLM = "import vllm; print('vllm-version=' + vllm.__version__)"

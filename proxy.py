@@ -1,4 +1,4 @@
-"""Turn one job into one vLLM request and relay the answer.
+"""Send a job's vLLM request and relay the answer: the I/O half of the job contract.
 
 What `Proxy.run(job_input)` yields, as the Runpod SDK expects from a generator:
 - non-streaming: vLLM's JSON body, once;
@@ -8,12 +8,15 @@ What `Proxy.run(job_input)` yields, as the Runpod SDK expects from a generator:
   error event in the stream's format, as vLLM itself does.
 Nothing raises out of `run`; no traceback reaches a client. Closing the
 generator (cancel, client gone) closes the vLLM connection, which makes vLLM
-abort the generation.
+abort the generation. What a job asks for, and the shape of the answer, are
+decided in routes.py; the serve context (serving.py) tells the proxy when to
+refuse new jobs (`refuse`) and when to end the streams still open (`close_streams`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -22,57 +25,16 @@ from typing import Any
 
 import httpx
 
-from errors import ProxyError, from_upstream, stream_error_event
+from errors import ProxyError, from_upstream
 from relay import Pacing, StreamRelay
-from routes import Target, UpstreamRequest, resolve
+from routes import Target, UpstreamRequest, resolve, shape_answer
+from sse import StreamKind, error_event
 
 log = logging.getLogger("worker.proxy")
 
 
 def _no_exit(timeout: float) -> str | None:
     return None
-
-
-def reshape(body: Any, how: str | None) -> Any:
-    """vLLM's answer in the shape the job asked for: the embedding workers' rerank shape
-    (results in document order, `document` as plain text only with return_docs)."""
-    if how is None or not isinstance(body, dict) or not isinstance(body.get("results"), list):
-        return body
-    results = []
-    for result in sorted(body["results"], key=lambda r: r.get("index", 0)):
-        shaped = {"relevance_score": result.get("relevance_score"), "index": result.get("index")}
-        if how == "rerank-docs":
-            document = result.get("document")
-            shaped["document"] = document.get("text") if isinstance(document, dict) else document
-        results.append(shaped)
-    tokens = (body.get("usage") or {}).get("total_tokens", 0)
-    return {"model": body.get("model"), "results": results,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
-
-def pacing_for(job_input: object, default: Pacing) -> Pacing:
-    """The job's own worker-vllm batch knobs, when it sets them, over the worker's defaults."""
-    if not isinstance(job_input, dict):
-        return default
-    values: dict[str, Any] = {}
-    for field, attr in (("min_batch_size", "min_batch_size"), ("max_batch_size", "max_batch_size"),
-                        ("batch_size_growth_factor", "growth_factor")):
-        value = job_input.get(field)
-        if value is None:
-            continue
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if attr == "growth_factor" and number and 1 <= value < 1e6:
-            values[attr] = float(value)
-        elif attr != "growth_factor" and number and 1 <= value < 1e9 and value == int(value):
-            values[attr] = int(value)
-        else:
-            rule = "a number from 1" if attr == "growth_factor" else "a whole number from 1"
-            raise ProxyError(400, f"{field} must be {rule}; got {json.dumps(value)[:50]}.", field)
-    if not values:
-        return default
-    return Pacing(default.flush_interval, values.get("min_batch_size", default.min_batch_size),
-                  values.get("max_batch_size", default.max_batch_size),
-                  values.get("growth_factor", default.growth_factor))
 
 
 class Proxy:
@@ -86,9 +48,35 @@ class Proxy:
         self.pacing = pacing or Pacing()
         self.prompt_max_tokens = prompt_max_tokens
         self.upstream_exit = upstream_exit
-        self.refusal: str | None = None
+        self.in_flight = 0  # jobs in `run` now
+        self._refusal: str | None = None
+        self._closing: str | None = None
+        self._streams: set[StreamRelay] = set()
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def refusal(self) -> str | None:
+        """Why new jobs are refused (None while they are taken)."""
+        return self._refusal
+
+    def refuse(self, reason: str) -> None:
+        """Answer every job from now on with a 503 that gives `reason`."""
+        self._refusal = reason
+
+    def close_streams(self, reason: str) -> None:
+        """End every stream open now or opened later with an in-band 503 error giving
+        `reason`, after the whole events already received (safe from any thread)."""
+        self._closing = reason
+        loop = self._client_loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop stopped meanwhile
+            loop.call_soon_threadsafe(self._interrupt_streams)
+
+    def _interrupt_streams(self) -> None:
+        for relay in list(self._streams):
+            relay.interrupt()
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -113,18 +101,20 @@ class Proxy:
         started = time.perf_counter()
         outcome = "ok"
         failure: ProxyError | None = None
+        self.in_flight += 1
         try:
-            if self.refusal:
-                raise ProxyError(503, self.refusal)
-            request = resolve(job_input, self.targets, self.prompt_max_tokens)
-            pacing = pacing_for(job_input, self.pacing)
-            log.info("job %s: %s %s (%s)", job_id, request.method, request.path,
-                     request.target.name)
-            if request.path == "/v1/models" and len(self.targets) > 1:
-                yield await self._all_models()
+            if self._refusal:
+                raise ProxyError(503, self._refusal)
+            job = resolve(job_input, self.targets, self.prompt_max_tokens, self.pacing)
+            log.info("job %s: %s %s (%s)", job_id, job.first.method, job.first.path,
+                     ", ".join(r.target.name for r in job.requests))
+            if len(job.requests) == 1:
+                async for item in self._exchange(job.first, job.pacing):
+                    yield item if isinstance(item, str) else shape_answer([item], job.answer)
             else:
-                async for item in self._exchange(request, pacing):
-                    yield reshape(item, request.reshape)
+                bodies = [body for request in job.requests
+                          async for body in self._exchange(request, job.pacing)]
+                yield shape_answer(bodies, job.answer)
         except ProxyError as exc:
             failure = exc
             outcome = f"failed {exc.status}: {exc.message[:300]}"
@@ -136,6 +126,7 @@ class Proxy:
             failure = ProxyError(500, "The worker failed unexpectedly; see the worker's log.")
             outcome = "failed 500"
         finally:
+            self.in_flight -= 1
             log.info("job %s: %s after %.3f s", job_id, outcome, time.perf_counter() - started)
         if failure is not None:
             yield failure.job_output()
@@ -172,29 +163,28 @@ class Proxy:
         finally:
             await response.aclose()
 
-    async def _all_models(self) -> dict[str, Any]:
-        """/v1/models of every vLLM server, as one list."""
-        listed: list[Any] = []
-        for target in self.targets:
-            request = UpstreamRequest("GET", "/v1/models", None, "openai", target)
-            async for body in self._exchange(request, self.pacing):
-                listed += body.get("data", []) if isinstance(body, dict) else []
-        return {"object": "list", "data": listed}
-
     async def _read(self, response: httpx.Response) -> bytes:
         try:
             return await response.aread()
         except httpx.HTTPError as exc:
             raise await self._transport_error(exc) from None
 
-    async def _relay(self, response: httpx.Response, kind: str, pacing: Pacing
+    async def _relay(self, response: httpx.Response, kind: StreamKind, pacing: Pacing
                      ) -> AsyncIterator[str]:
         relay = StreamRelay(response.aiter_bytes(), pacing)
+        self._streams.add(relay)
+        if self._closing is not None:
+            relay.interrupt()
         started = False
-        async for text in relay:
-            started = True
-            yield text
-        if relay.error is not None:
+        try:
+            async for text in relay:
+                started = True
+                yield text
+        finally:
+            self._streams.discard(relay)
+        if relay.interrupted:
+            error = ProxyError(503, self._closing or "The stream was ended by the worker.")
+        elif relay.error is not None:
             error = await self._transport_error(relay.error)
         elif relay.leftover.strip():
             error = ProxyError(502, f"vLLM's stream ended in the middle of an event "
@@ -204,7 +194,7 @@ class Proxy:
         if not started:
             raise error
         log.warning("stream interrupted after it started: %s", error.message)
-        yield stream_error_event(kind, error)
+        yield error_event(kind, error)
 
     async def _transport_error(self, exc: BaseException) -> ProxyError:
         """What went wrong talking to vLLM, checking first whether vLLM itself has gone."""

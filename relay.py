@@ -22,6 +22,8 @@ Invariants (tests hold us to each):
 
 A reader task keeps pulling bytes from vLLM while the consumer is busy, so a
 slow consumer never slows the generation, and TCP chunk boundaries never matter.
+`interrupt()` ends the relay early (the worker is stopping): the whole events
+received so far still go out, then iteration ends with `interrupted` set.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-_BOUNDARIES = (b"\n\n", b"\r\n\r\n", b"\r\r")
+from sse import count_events, event_end
+
 FIRST_WAIT = 0.002  # seconds
 FIRST_BATCH = 16  # chunks
 
@@ -56,20 +59,6 @@ class Pacing:
         return min(grown, self.max_batch_size or 1 << 30)
 
 
-def event_end(buffer: bytes | bytearray) -> int:
-    """Index just past the last complete SSE event in `buffer` (0 when there is none)."""
-    end = 0
-    for boundary in _BOUNDARIES:
-        found = buffer.rfind(boundary)
-        if found >= 0:
-            end = max(end, found + len(boundary))
-    return end
-
-
-def _count_events(buffer: bytearray) -> int:
-    return buffer.count(b"\n\n") or (1 if event_end(buffer) else 0)
-
-
 class StreamRelay:
     """Coalesces the chunks of one upstream stream; iterate it with `async for`.
 
@@ -85,7 +74,17 @@ class StreamRelay:
         self._finished = asyncio.Event()
         self.error: BaseException | None = None
         self.leftover = b""
+        self.interrupted = False
         self._yielded = False
+        self._reader: asyncio.Task[None] | None = None
+
+    def interrupt(self) -> None:
+        """End the relay after the whole events received so far (call in its loop)."""
+        self.interrupted = True
+        if self._reader is not None:
+            self._reader.cancel()  # its `finally` wakes the loop below
+        self._finished.set()
+        self._arrived.set()
 
     async def _pump(self) -> None:
         chunks = 0
@@ -108,7 +107,7 @@ class StreamRelay:
         """Give a lone first event up to FIRST_WAIT to be joined by the next one."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + FIRST_WAIT
-        while not self._finished.is_set() and _count_events(self._buffer) < 2:
+        while not self._finished.is_set() and count_events(self._buffer) < 2:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
@@ -125,7 +124,7 @@ class StreamRelay:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
-            ready = target is not None and _count_events(self._buffer) >= target
+            ready = target is not None and count_events(self._buffer) >= target
             if ready:
                 return
             waiter = self._arrived if target is not None else self._finished
@@ -137,7 +136,7 @@ class StreamRelay:
 
     async def __aiter__(self) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
-        reader = asyncio.create_task(self._pump())
+        reader = self._reader = asyncio.create_task(self._pump())
         target = self._pacing.first_target()
         last_yield: float | None = None
         try:
@@ -160,7 +159,7 @@ class StreamRelay:
                     yield text
                     target = self._pacing.next_target(target)
                 if self._finished.is_set() and event_end(self._buffer) == 0:
-                    self.leftover = bytes(self._buffer)
+                    self.leftover = b"" if self.interrupted else bytes(self._buffer)
                     return
                 if self._buffer and event_end(self._buffer):
                     self._arrived.set()

@@ -17,37 +17,46 @@ that lists the routes it has.
 
 Only the serving routes in `UPSTREAM_ROUTES` can be reached; anything else
 (vLLM's admin routes, `..`, URLs, query strings, encodings) is refused before
-it gets near vLLM. Everything here is pure: `resolve` turns an input into an
-`UpstreamRequest` or raises `ProxyError(400)`.
+it gets near vLLM.
+
+This module owns both directions of the job contract, and is pure: `resolve`
+turns an input into a `JobRequest` (the vLLM request, the stream pacing the job
+asks for, and how to shape vLLM's answer) or raises `ProxyError`; `shape_answer`
+gives vLLM's answer the shape the job asked for. proxy.py only does the I/O.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import Enum
 from typing import Any
 
 from errors import ProxyError
+from relay import Pacing
+from sse import StreamKind
 
+_OPENAI, _RESPONSES, _MESSAGES = StreamKind.OPENAI, StreamKind.RESPONSES, StreamKind.MESSAGES
 # vLLM path -> (method, stream kind). The kind selects the in-band error format.
-UPSTREAM_ROUTES: dict[str, tuple[str, str]] = {
-    "/v1/chat/completions": ("POST", "openai"),
-    "/v1/completions": ("POST", "openai"),
-    "/v1/responses": ("POST", "responses"),
-    "/v1/messages": ("POST", "messages"),
-    "/v1/messages/count_tokens": ("POST", "messages"),
-    "/v1/models": ("GET", "openai"),
-    "/v1/embeddings": ("POST", "openai"),
-    "/v1/score": ("POST", "openai"),
-    "/v1/rerank": ("POST", "openai"),
-    "/v2/rerank": ("POST", "openai"),
-    "/score": ("POST", "openai"),
-    "/rerank": ("POST", "openai"),
-    "/pooling": ("POST", "openai"),
-    "/classify": ("POST", "openai"),
-    "/tokenize": ("POST", "openai"),
-    "/detokenize": ("POST", "openai"),
+UPSTREAM_ROUTES: dict[str, tuple[str, StreamKind]] = {
+    "/v1/chat/completions": ("POST", _OPENAI),
+    "/v1/completions": ("POST", _OPENAI),
+    "/v1/responses": ("POST", _RESPONSES),
+    "/v1/messages": ("POST", _MESSAGES),
+    "/v1/messages/count_tokens": ("POST", _MESSAGES),
+    "/v1/models": ("GET", _OPENAI),
+    "/v1/embeddings": ("POST", _OPENAI),
+    "/v1/score": ("POST", _OPENAI),
+    "/v1/rerank": ("POST", _OPENAI),
+    "/v2/rerank": ("POST", _OPENAI),
+    "/score": ("POST", _OPENAI),
+    "/rerank": ("POST", _OPENAI),
+    "/pooling": ("POST", _OPENAI),
+    "/classify": ("POST", _OPENAI),
+    "/tokenize": ("POST", _OPENAI),
+    "/detokenize": ("POST", _OPENAI),
 }
 # Spellings clients use for the same routes: OpenAI paths without /v1, root paths with /v1.
 ALIASES: dict[str, str] = {
@@ -59,8 +68,10 @@ ALIASES: dict[str, str] = {
 # A stored response (`background`/`store`): GET it, or POST .../cancel.
 _RESPONSE_BY_ID = re.compile(r"^/(?:v1/)?responses/(resp_[A-Za-z0-9_-]{1,128})(/cancel)?$")
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9_/-]{1,200}$")
-CONTROL_FIELDS = ("openai_route", "openai_input", "sampling_params",
-                  "max_batch_size", "min_batch_size", "batch_size_growth_factor")
+# worker-vllm's per-job stream batching knobs -> the Pacing field each sets.
+PACING_FIELDS = {"min_batch_size": "min_batch_size", "max_batch_size": "max_batch_size",
+                 "batch_size_growth_factor": "growth_factor"}
+CONTROL_FIELDS = ("openai_route", "openai_input", "sampling_params", *PACING_FIELDS)
 SHAPES = ('accepted job inputs: {"openai_route": "/v1/chat/completions", "openai_input": {...}}, '
           '{"openai_route": "/v1/models"}, {"messages": [...]}, {"prompt": "..."}, '
           '{"input": ...} (embeddings or responses), {"query": "...", "docs": [...]} (rerank), '
@@ -81,27 +92,51 @@ class Target:
         return self.routes is not None and "/v1/chat/completions" not in self.routes
 
 
+class Answer(Enum):
+    """How vLLM's answer is given back to the job."""
+
+    AS_IS = "as is"
+    RERANK = "rerank"  # the embedding workers' rerank shape
+    RERANK_DOCS = "rerank with documents"
+    MODEL_LIST = "one model list"  # /v1/models of every vLLM, merged
+
+
 @dataclass(frozen=True)
 class UpstreamRequest:
+    """One HTTP request to one vLLM."""
+
     method: str
     path: str
     body: dict[str, Any] | None
-    kind: str
+    kind: StreamKind
     target: Target
-    reshape: str | None = None
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """Everything a job asks for: the vLLM request (one per vLLM for the merged model
+    list), how to pace its stream, and how to shape the answer."""
+
+    requests: tuple[UpstreamRequest, ...]
+    pacing: Pacing
+    answer: Answer = Answer.AS_IS
+
+    @property
+    def first(self) -> UpstreamRequest:
+        return self.requests[0]
 
 
 def allowed_routes() -> str:
     return ", ".join(sorted(UPSTREAM_ROUTES))
 
 
-def resolve_route(route: object) -> tuple[str, str, str]:
+def resolve_route(route: object) -> tuple[str, str, StreamKind]:
     """The vLLM path, method and stream kind for a route a job names, or ProxyError(400)."""
     if isinstance(route, str):
         candidate = route.rstrip("/")
         if match := _RESPONSE_BY_ID.match(candidate):
             path = f"/v1/responses/{match.group(1)}{match.group(2) or ''}"
-            return path, "POST" if match.group(2) else "GET", "responses"
+            return path, "POST" if match.group(2) else "GET", _RESPONSES
         if _SAFE_PATH.match(candidate) and "//" not in candidate:
             path = ALIASES.get(candidate, candidate)
             if path in UPSTREAM_ROUTES:
@@ -151,31 +186,49 @@ def pick(targets: Sequence[Target], name: object) -> Target:
 
 
 def _plain_route(body: dict[str, Any], target: Target, prompt_max_tokens: int
-                 ) -> tuple[str, str, str, dict[str, Any], str | None]:
-    """Route, method, kind, body and reshaping for a plain request, by its fields."""
+                 ) -> tuple[str, str, StreamKind, dict[str, Any], Answer]:
+    """Route, method, kind, body and answer shape for a plain request, by its fields."""
     if "messages" in body:
-        return "/v1/chat/completions", "POST", "openai", body, None
+        return "/v1/chat/completions", "POST", _OPENAI, body, Answer.AS_IS
     if "prompt" in body:
-        return "/v1/completions", "POST", "openai", {"max_tokens": prompt_max_tokens,
-                                                    **body}, None
+        return "/v1/completions", "POST", _OPENAI, {"max_tokens": prompt_max_tokens,
+                                                   **body}, Answer.AS_IS
     if "query" in body and "docs" in body:  # the embedding workers' rerank shape
         rest = {k: v for k, v in body.items() if k not in ("docs", "return_docs")}
-        reshape = "rerank-docs" if body.get("return_docs") else "rerank"
-        return "/rerank", "POST", "openai", {**rest, "documents": body["docs"]}, reshape
+        answer = Answer.RERANK_DOCS if body.get("return_docs") else Answer.RERANK
+        return "/rerank", "POST", _OPENAI, {**rest, "documents": body["docs"]}, answer
     if "input" in body:
         if target.pooling:
-            return "/v1/embeddings", "POST", "openai", body, None
-        return "/v1/responses", "POST", "responses", body, None
+            return "/v1/embeddings", "POST", _OPENAI, body, Answer.AS_IS
+        return "/v1/responses", "POST", _RESPONSES, body, Answer.AS_IS
     raise ProxyError(400, f"The job input has no request in it; {SHAPES}.")
 
 
-def resolve(job_input: object, targets: Sequence[Target], prompt_max_tokens: int
-            ) -> UpstreamRequest:
-    """The vLLM request for a job input (see the module docstring), or ProxyError."""
+def pacing_for(job_input: dict[str, Any], default: Pacing) -> Pacing:
+    """The job's own worker-vllm batch knobs, when it sets them, over the worker's defaults."""
+    values: dict[str, Any] = {}
+    for field, attr in PACING_FIELDS.items():
+        value = job_input.get(field)
+        if value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if attr == "growth_factor" and number and 1 <= value < 1e6:
+            values[attr] = float(value)
+        elif attr != "growth_factor" and number and 1 <= value < 1e9 and value == int(value):
+            values[attr] = int(value)
+        else:
+            rule = "a number from 1" if attr == "growth_factor" else "a whole number from 1"
+            raise ProxyError(400, f"{field} must be {rule}; got {json.dumps(value)[:50]}.", field)
+    return replace(default, **values) if values else default
+
+
+def resolve(job_input: object, targets: Sequence[Target], prompt_max_tokens: int,
+            pacing: Pacing) -> JobRequest:
+    """What a job input asks for (see the module docstring), or ProxyError."""
     if not isinstance(job_input, dict):
         raise ProxyError(400, f"The job input must be a JSON object; {SHAPES}.")
     route = job_input.get("openai_route")
-    reshape = None
+    answer = Answer.AS_IS
     if "openai_input" in job_input:
         body = job_input["openai_input"]
         if not isinstance(body, dict):
@@ -195,16 +248,44 @@ def resolve(job_input: object, targets: Sequence[Target], prompt_max_tokens: int
     if route is not None:
         path, method, kind = resolve_route(route)
     else:
-        path, method, kind, body, reshape = _plain_route(body, target, prompt_max_tokens)
+        path, method, kind, body, answer = _plain_route(body, target, prompt_max_tokens)
     _check_served(target, path)
+    pacing = pacing_for(job_input, pacing)
+    if path == "/v1/models" and len(targets) > 1:
+        every = tuple(UpstreamRequest("GET", path, None, kind, t) for t in targets)
+        return JobRequest(every, pacing, Answer.MODEL_LIST)
     if method == "GET" or path.endswith("/cancel"):
-        return UpstreamRequest(method, path, None, kind, target)
+        return JobRequest((UpstreamRequest(method, path, None, kind, target),), pacing)
     if not body:
         raise ProxyError(400, f"{path} needs a request body (openai_input); {SHAPES}.",
                          "openai_input")
     if "model" not in body:
         body = {"model": target.name, **body}
-    return UpstreamRequest(method, path, body, kind, target, reshape)
+    return JobRequest((UpstreamRequest(method, path, body, kind, target),), pacing, answer)
+
+
+def shape_answer(answers: Sequence[Any], how: Answer) -> Any:
+    """vLLM's answer (one per request of the JobRequest) in the shape the job asked for."""
+    if how is Answer.MODEL_LIST:
+        listed = [m for body in answers if isinstance(body, dict)
+                  for m in body.get("data", [])]
+        return {"object": "list", "data": listed}
+    body = answers[0]
+    if how is Answer.AS_IS or not isinstance(body, dict) \
+            or not isinstance(body.get("results"), list):
+        return body
+    # The embedding workers' rerank shape: results in document order, `document` as plain
+    # text only with return_docs.
+    results = []
+    for result in sorted(body["results"], key=lambda r: r.get("index", 0)):
+        shaped = {"relevance_score": result.get("relevance_score"), "index": result.get("index")}
+        if how is Answer.RERANK_DOCS:
+            document = result.get("document")
+            shaped["document"] = document.get("text") if isinstance(document, dict) else document
+        results.append(shaped)
+    tokens = (body.get("usage") or {}).get("total_tokens", 0)
+    return {"model": body.get("model"), "results": results,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 def _check_served(target: Target, path: str) -> None:

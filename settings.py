@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
+
+from masking import secret_values
 
 DEFAULT_MODEL_NAME = "openai/gpt-oss-120b"
 RUNPOD_MODEL_CACHE = "/runpod-volume/huggingface-cache/hub"
@@ -41,9 +43,6 @@ DEFAULTS: dict[str, str] = {
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-# Variables whose values must never be logged or returned.
-_SECRET_NAME = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)", re.IGNORECASE)
-SECRET_FLAG = re.compile(r"^--?[\w-]*(key|token|secret|password)[\w-]*$", re.IGNORECASE)
 
 T = TypeVar("T")
 
@@ -175,28 +174,6 @@ def _switch(env: Mapping[str, str], name: str) -> bool | None:
     if (env.get(name) or "").strip().lower() == "auto":
         return None
     return _bool(env, name)
-
-
-def secret_flag_values(args: Sequence[str]) -> list[str]:
-    """Values given to secret-looking flags: `--api-key VALUE`, `--hf-token=VALUE`."""
-    values = []
-    for i, arg in enumerate(args):
-        flag, eq, value = arg.partition("=")
-        if SECRET_FLAG.match(flag):
-            values.append(value if eq else (args[i + 1] if i + 1 < len(args) else ""))
-    return values
-
-
-def secret_values(env: Mapping[str, str]) -> tuple[str, ...]:
-    """Values never to print, longest first: every variable that looks like a secret
-    (HF_TOKEN, *_KEY, ...) and every secret flag's in VLLM_EXTRA_ARGS, which vLLM may print
-    back (an `unrecognized arguments` error quotes them)."""
-    try:
-        extra = shlex.split(env.get("VLLM_EXTRA_ARGS") or "")
-    except ValueError:  # `load` refuses it
-        extra = []
-    found = {v for k, v in env.items() if _SECRET_NAME.search(k)} | {*secret_flag_values(extra)}
-    return tuple(sorted((v for v in found if len(v) >= 4), key=len, reverse=True))
 
 
 def _extra_args(env: Mapping[str, str]) -> tuple[str, ...]:

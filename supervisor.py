@@ -1,11 +1,14 @@
-"""The one owner of the vLLM child process's life.
+"""The one owner of every vLLM child's life: start, health, watch, stop.
 
 vLLM runs in a process group of its own (its engine core and workers are
 grandchildren that can outlive a killed API server and keep GPU memory), so
-every stop signals the whole group: SIGTERM, a bounded wait, then SIGKILL.
-Its output goes to the worker's log line by line with a `[vllm]` prefix, and
-the last lines are kept to quote when it fails. `wait_healthy` polls `/health`
-until 200 while watching for an early exit.
+every stop signals the whole group: SIGTERM, a bounded wait (`STOP_GRACE`, or
+`DEATH_STOP_GRACE` for what is left of a vLLM that died), then SIGKILL. Its
+output goes to the worker's log line by line with a `[vllm]` prefix, and the
+last lines are kept to quote when it fails. `wait_healthy` polls `/health`
+until 200 while watching for an early exit; `start_upstreams` starts every
+model's vLLM at once and returns only when all are healthy (or none is left
+running); `watch` reports a death while serving; `stop_all` stops them together.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import httpx
 from tenacity import (
@@ -30,8 +34,17 @@ from tenacity import (
     wait_fixed,
 )
 
+from launch_plan import Launch, child_env
+from masking import show
+from routes import Target
+
 log = logging.getLogger("worker.supervisor")
 STOP_GRACE = 10.0  # seconds a stopping vLLM gets between SIGTERM and SIGKILL
+# What is left of a vLLM that died (its engine core, workers) has no answer to finish and
+# holds GPU memory: it gets this long after SIGTERM, not a healthy server's STOP_GRACE, so the
+# worker is gone within 5 s of the death even when an orphan ignores SIGTERM.
+DEATH_STOP_GRACE = 1.0
+QUOTED_LINES = 25  # of vLLM's last lines, quoted when it fails
 vllm_log = logging.getLogger("vllm")
 
 
@@ -48,8 +61,9 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def group_members(pgid: int) -> list[int]:
-    """PIDs of live processes in a process group, read from /proc (zombies excluded)."""
+def group_members(pgid: int, zombies: bool = False) -> list[int]:
+    """PIDs of the live processes in a process group, read from /proc (with `zombies`,
+    those of its processes that ended and were not reaped, instead)."""
     members = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -59,9 +73,29 @@ def group_members(pgid: int) -> list[int]:
                 fields = stat.read().rsplit(b")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != b"Z":
+        if int(fields[2]) == pgid and (fields[0] == b"Z") == zombies:
             members.append(int(entry))
     return members
+
+
+def reap_orphans(pgid: int, leader: int) -> None:
+    """Reap the ended processes of a vLLM group that became ours: in the image the worker
+    is PID 1, so an engine core orphaned by a crash is re-parented to it, and no one else
+    would ever reap it. The leader is left to its Popen, which reaps it."""
+    me = os.getpid()
+    for pid in group_members(pgid, zombies=True):
+        if pid != leader:
+            with contextlib.suppress(ChildProcessError):  # not ours: its parent reaps it
+                if _parent(pid) == me:
+                    os.waitpid(pid, os.WNOHANG)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class VllmChild:
@@ -103,8 +137,17 @@ class VllmChild:
                 self._tail.append(line)
                 vllm_log.info("[vllm] %s", line)
 
-    def tail(self) -> list[str]:
-        return list(self._tail)
+    def tail(self, count: int | None = None) -> list[str]:
+        """vLLM's last lines (the last `count` of them)."""
+        lines = list(self._tail)
+        return lines if count is None else lines[-count:]
+
+    def quoted_tail(self) -> str:
+        """vLLM's last lines, indented, to quote in a log line or an error."""
+        lines = self.tail(QUOTED_LINES)
+        if not lines:
+            return " It printed nothing."
+        return " Its last lines:\n" + "\n".join(f"  {line}" for line in lines)
 
     def exit_reason(self, timeout: float = 0) -> str | None:
         """How the child ended, waiting up to `timeout` s for it; None while it runs."""
@@ -143,6 +186,7 @@ class VllmChild:
         deadline = time.monotonic() + seconds
         while True:
             if self._proc.poll() is not None and not group_members(pgid):
+                reap_orphans(pgid, pgid)
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -183,15 +227,93 @@ def wait_healthy(base_url: str, timeout: float, child: VllmChild | None = None,
     if healthy:
         return time.monotonic() - started
     if child is not None and (reason := child.exit_reason()) is not None:
-        raise StartupError(f"vLLM {reason} during start-up.{_quote(child)}")
+        raise StartupError(f"vLLM {reason} during start-up.{child.quoted_tail()}")
     where = "" if child is not None else f" at {base_url} (VLLM_BASE_URL)"
-    tail = _quote(child) if child is not None else ""
+    tail = child.quoted_tail() if child is not None else ""
     raise StartupError(f"vLLM{where} was not healthy after {timeout:g} s "
                        f"(VLLM_STARTUP_TIMEOUT).{tail}")
 
 
-def _quote(child: VllmChild) -> str:
-    lines = child.tail()[-25:]
-    if not lines:
-        return " It printed nothing."
-    return " Its last lines:\n" + "\n".join(f"  {line}" for line in lines)
+@dataclass
+class Upstream:
+    """One vLLM server jobs go to, and the child process behind it (None in external mode)."""
+
+    target: Target
+    child: VllmChild | None = None
+
+    def exit_reason(self, timeout: float = 0) -> str | None:
+        return self.child.exit_reason(timeout) if self.child else None
+
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        if self.child is not None:
+            self.child.stop(grace)
+
+
+def connect(name: str, base_url: str, timeout: float) -> Upstream:
+    """A vLLM server that runs already (VLLM_BASE_URL), once healthy."""
+    log.info("VLLM_BASE_URL is set: using the vLLM server at %s", base_url)
+    took = wait_healthy(base_url, timeout)
+    log.info("vLLM at %s is healthy (%.1f s)", base_url, took)
+    return Upstream(discover_routes(Target(name, base_url)))
+
+
+def start_upstreams(launches: Sequence[Launch], env: Mapping[str, str], timeout: float,
+                    secrets: Sequence[str] = ()) -> list[Upstream]:
+    """Every planned vLLM started at once and healthy; StartupError otherwise, with every
+    child stopped (also when interrupted, e.g. by SIGTERM while loading)."""
+    upstreams: list[Upstream] = []
+    try:
+        for launch in launches:
+            for reason in launch.reasons:
+                log.info("%s", reason)
+            log.info("Starting vLLM for %s: %s", launch.model.served_name,
+                     show(launch.argv, secrets))
+            child = VllmChild(launch.argv, child_env(env))
+            upstreams.append(Upstream(Target(launch.model.served_name, launch.base_url), child))
+            child.start()
+        for upstream in upstreams:  # they load in parallel: waiting in turn costs nothing
+            took = wait_healthy(upstream.target.base_url, timeout, upstream.child)
+            upstream.target = discover_routes(upstream.target)
+            log.info("vLLM for %s is healthy after %.1f s", upstream.target.name, took)
+    except BaseException:
+        stop_all(upstreams, grace=5)
+        raise
+    return upstreams
+
+
+def discover_routes(target: Target) -> Target:
+    """The routes this vLLM serves (it mounts only those its model supports)."""
+    try:
+        paths = httpx.get(f"{target.base_url}/openapi.json", timeout=10).json()["paths"]
+        return replace(target, routes=frozenset(paths))
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        log.warning("Could not read %s/openapi.json: every route is tried", target.base_url)
+        return target
+
+
+def exit_reason(upstreams: Sequence[Upstream], timeout: float = 0) -> str | None:
+    """How the vLLMs that ended did (`for <name> <how>; ...`), None while all run."""
+    reasons = [(u.target.name, u.exit_reason(timeout)) for u in upstreams]
+    return "; ".join(f"for {name} {reason}" for name, reason in reasons if reason) or None
+
+
+def watch(upstreams: Sequence[Upstream], on_death: Callable[[Upstream, str], None]) -> None:
+    """Call `on_death(upstream, how)` from a thread of its own when a child ends unasked."""
+    def wait(upstream: Upstream, child: VllmChild) -> None:
+        reason = child.wait()
+        if not child.stopping:
+            on_death(upstream, reason)
+
+    for upstream in upstreams:
+        if upstream.child is not None:
+            threading.Thread(target=wait, args=(upstream, upstream.child), name="vllm-watch",
+                             daemon=True).start()
+
+
+def stop_all(upstreams: Sequence[Upstream], grace: float = STOP_GRACE) -> None:
+    """Stop every child at once (each gets the same grace period, not one after another)."""
+    stoppers = [threading.Thread(target=u.stop, args=(grace,)) for u in upstreams]
+    for stopper in stoppers:
+        stopper.start()
+    for stopper in stoppers:
+        stopper.join()

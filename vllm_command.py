@@ -1,22 +1,18 @@
-"""The vLLM command line, built from the settings, and how to show it safely.
+"""The vLLM command line, built from the settings.
 
 `build_command` is pure: settings and the located model in, an argv list out.
 Every value is its own argv item and nothing goes through a shell. Secrets
 never go on the command line: vLLM and huggingface_hub read `HF_TOKEN` from the
-environment the child inherits. `mask` hides any secret that a user put into
-`VLLM_EXTRA_ARGS` anyway, before a command line is logged or printed.
+environment the child inherits (`masking.show` prints a command line safely).
 """
 
 from __future__ import annotations
 
 import os
-import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from parsers import Choice
-from settings import SECRET_FLAG, ModelSettings, Settings
-
-MASK = "***"
+from settings import ModelSettings, Settings
 
 
 def build_command(settings: Settings, model: ModelSettings, weights: str, gpu_count: int,
@@ -58,35 +54,3 @@ def count_gpus(env: Mapping[str, str]) -> int:
         return len(os.listdir("/proc/driver/nvidia/gpus"))
     except OSError:
         return 0
-
-
-def mask_argv(argv: Sequence[str], secrets: Sequence[str] = ()) -> list[str]:
-    """argv with the values of secret-looking flags and any known secret replaced by ***."""
-    masked: list[str] = []
-    hide_next = False
-    for item in argv:
-        if hide_next:
-            masked.append(MASK)
-            hide_next = False
-            continue
-        flag, eq, _ = item.partition("=")
-        if SECRET_FLAG.match(flag):
-            if eq:
-                masked.append(f"{flag}={MASK}")
-                continue
-            hide_next = True
-        masked.append(mask(item, secrets))
-    return masked
-
-
-def mask(text: str, secrets: Sequence[str]) -> str:
-    """`text` with every known secret value replaced by ***."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, MASK)
-    return text
-
-
-def show(argv: Sequence[str], secrets: Sequence[str] = ()) -> str:
-    """A copy-pasteable, masked command line."""
-    return shlex.join(mask_argv(argv, secrets))

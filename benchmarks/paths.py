@@ -25,8 +25,11 @@ from typing import Any
 
 import httpx
 
-import handler
+from handler import make_handler
+from routes import Target
+from serving import make_proxy
 from settings import load
+from supervisor import Upstream
 
 CHAT_PATH = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
@@ -118,7 +121,7 @@ def quiet_sdk_logger() -> None:
 
 
 def worker_logging() -> None:
-    """The worker's INFO logging, as startup.setup_logging sets it, into /dev/null."""
+    """The worker's INFO logging, as masking.setup_logging sets it, into /dev/null."""
     sink = logging.StreamHandler(open(os.devnull, "w"))  # noqa: SIM115 (lives as long as we do)
     sink.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -128,17 +131,19 @@ def worker_logging() -> None:
 
 
 class InProcess:
-    """(b): handler.handler, configured from the environment a deployment would give it."""
+    """(b): the job handler, made as the worker makes it from a deployment's environment
+    (here to a vLLM that runs already, VLLM_BASE_URL)."""
 
     def __init__(self, env: dict[str, str]) -> None:
         from runpod.serverless.modules.rp_job import run_job_generator
 
         quiet_sdk_logger()
         worker_logging()
-        os.environ.update(env)  # what handler.current_proxy() reads, as in a deployment
-        handler.configure(None)
-        self.proxy = handler.current_proxy()
-        self.flush_interval = load(os.environ).stream_flush_interval
+        settings = load({**os.environ, **env})
+        self.proxy = make_proxy(settings, [Upstream(Target(settings.served_model_name,
+                                                           settings.upstream_url))])
+        self.handler = make_handler(self.proxy)
+        self.flush_interval = settings.stream_flush_interval
         self._generator = run_job_generator
         self._jobs = 0
 
@@ -148,7 +153,7 @@ class InProcess:
         job = {"id": f"bench-{self._jobs}",
                "input": {"openai_route": CHAT_PATH, "openai_input": body}}
         kept: list[Any] = []
-        async for output in self._generator(handler.handler, job):
+        async for output in self._generator(self.handler, job):
             if isinstance(output.get("output"), dict) and output["output"].get("error"):
                 output = {"error": str(output["output"]["error"])}
             if output.get("error"):

@@ -18,7 +18,6 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-import handler
 from proxy import Proxy
 from relay import Pacing
 from supervisor import group_members
@@ -43,11 +42,9 @@ def fake_vllm(fake_vllm_server: HTTPServer) -> Iterator[HTTPServer]:
 
 
 @pytest.fixture
-def proxy(fake_vllm: HTTPServer) -> Iterator[Proxy]:
-    """The handler's proxy, pointed at the fake vLLM."""
-    made = handler.configure(proxy_to(fake_vllm, request_timeout=5, pacing=Pacing(0)))
-    yield made
-    handler.configure(None)  # type: ignore[arg-type]
+def proxy(fake_vllm: HTTPServer) -> Proxy:
+    """A proxy to the fake vLLM, as the handler's."""
+    return proxy_to(fake_vllm, request_timeout=5, pacing=Pacing(0))
 
 
 REPO = Path(__file__).resolve().parent.parent

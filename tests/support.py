@@ -19,8 +19,8 @@ import uvicorn
 from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
-import handler
-from local_endpoint import build_app
+from handler import make_handler
+from local_endpoint import Endpoint
 from local_jobs import Jobs
 from proxy import Proxy
 from routes import Target
@@ -41,7 +41,8 @@ def run_job(proxy: Proxy, job_input: Any, deadline: float | None = None) -> list
 
     async def drive() -> list[Any]:
         try:
-            return [item async for item in handler.handler({"id": "job-1", "input": job_input})]
+            handler = make_handler(proxy)
+            return [item async for item in handler({"id": "job-1", "input": job_input})]
         finally:
             await proxy.aclose()
 
@@ -87,7 +88,7 @@ def run_readme_example(name: str, endpoint_url: str, api_key: str) -> str:
 
 
 class LocalEndpoint:
-    """The local endpoint (local_jobs.Jobs + build_app, as `main` wires them) served by
+    """The local endpoint (local_jobs.Jobs + Endpoint, as `main` wires them) served by
     uvicorn in a thread, in front of `proxy`; `url` is its /v2/<id> base, `loop` its loop."""
 
     def __init__(self, proxy: Proxy, max_concurrency: int = 4, api_key: str | None = None,
@@ -108,8 +109,8 @@ class LocalEndpoint:
     async def _app(self, scope: Any, receive: Any, send: Any) -> None:
         if self.jobs is None:  # made inside the server's loop
             self.loop = asyncio.get_running_loop()
-            self.jobs = Jobs(handler.handler, self.max_concurrency)
-            self.asgi = build_app(self.jobs, self.api_key, self.max_body, self.proxy.aclose)
+            self.jobs = Jobs(make_handler(self.proxy), self.max_concurrency)
+            self.asgi = Endpoint(self.jobs, self.api_key, self.max_body).app
         await self.asgi(scope, receive, send)
 
     def call(self, make: Callable[[], Awaitable[T]], timeout: float = 10) -> T:
@@ -118,7 +119,6 @@ class LocalEndpoint:
         return asyncio.run_coroutine_threadsafe(make(), self.loop).result(timeout)
 
     def __enter__(self) -> LocalEndpoint:
-        handler.configure(self.proxy)
         self.thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started:
@@ -127,6 +127,7 @@ class LocalEndpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.loop is not None:
+            self.call(self.proxy.aclose)
         self.server.should_exit = True
         self.thread.join(10)
-        handler.configure(None)

@@ -31,8 +31,8 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
-import handler
 from conftest import FastUpstream, JobPlatform
+from handler import make_handler
 from proxy import Proxy
 from relay import Pacing
 from routes import Target
@@ -195,7 +195,7 @@ def test_a_stream_that_goes_silent_ends_with_an_in_band_504_after_the_idle_timeo
         fake_vllm: HTTPServer, release: threading.Event) -> None:
     fake_vllm.expect_request("/v1/chat/completions").respond_with_response(
         Response(stalled_stream(3, release), content_type="text/event-stream"))
-    proxy = handler.configure(proxy_to(fake_vllm, request_timeout=0.5, pacing=Pacing(0)))
+    proxy = proxy_to(fake_vllm, request_timeout=0.5, pacing=Pacing(0))
     assert proxy is not None
 
     items, took = timed_job(proxy, {"messages": [], "stream": True}, deadline=10)
@@ -210,7 +210,7 @@ def test_a_stream_silent_from_its_first_byte_fails_the_job_with_504(
         fake_vllm: HTTPServer, release: threading.Event) -> None:
     fake_vllm.expect_request("/v1/chat/completions").respond_with_response(
         Response(stalled_stream(0, release), content_type="text/event-stream"))
-    proxy = handler.configure(proxy_to(fake_vllm, request_timeout=0.5, pacing=Pacing(0)))
+    proxy = proxy_to(fake_vllm, request_timeout=0.5, pacing=Pacing(0))
     assert proxy is not None
 
     items, took = timed_job(proxy, {"messages": [], "stream": True}, deadline=10)
@@ -230,7 +230,7 @@ def test_a_generation_ten_times_longer_than_the_idle_timeout_is_not_cut(
 
     fake_vllm.expect_request("/v1/chat/completions").respond_with_response(
         Response(live(), content_type="text/event-stream"))
-    proxy = handler.configure(proxy_to(fake_vllm, request_timeout=0.3, pacing=Pacing(0)))
+    proxy = proxy_to(fake_vllm, request_timeout=0.3, pacing=Pacing(0))
     assert proxy is not None
 
     items, took = timed_job(proxy, {"messages": [], "stream": True}, deadline=20)
@@ -361,7 +361,7 @@ def no_traceback(caplog: pytest.LogCaptureFixture) -> None:
 def test_garbage_before_any_output_fails_the_job_with_a_502(
         name: str, upstream_log: pytest.LogCaptureFixture) -> None:
     upstream = RawUpstream(BEFORE_OUTPUT[name])
-    proxy = handler.configure(Proxy(Target(SERVED, upstream.url), request_timeout=5))
+    proxy = Proxy(Target(SERVED, upstream.url), request_timeout=5)
     assert proxy is not None
     try:
         items, _ = timed_job(proxy, {"messages": [], "stream": True}, deadline=10)
@@ -380,9 +380,7 @@ def test_garbage_before_any_output_fails_the_job_with_a_502(
 def test_garbage_after_a_stream_started_ends_it_with_an_in_band_502(
         name: str, upstream_log: pytest.LogCaptureFixture) -> None:
     upstream = RawUpstream(AFTER_OUTPUT[name])
-    proxy = handler.configure(Proxy(Target(SERVED, upstream.url), request_timeout=5,
-                                    pacing=Pacing(0)))
-    assert proxy is not None
+    proxy = Proxy(Target(SERVED, upstream.url), request_timeout=5, pacing=Pacing(0))
     try:
         items, _ = timed_job(proxy, {"messages": [], "stream": True}, deadline=10)
     finally:
@@ -423,15 +421,14 @@ def test_100_cancelled_jobs_close_their_upstream_within_1_s_and_leak_nothing(
         fast_upstream: FastUpstream) -> None:
     """The SDK cancels a job's task (Runpod's cancel): each time, vLLM's connection must
     close at once; after 100, no connection, task or file descriptor may be left over."""
-    proxy = handler.configure(Proxy(Target(SERVED, fast_upstream.url), request_timeout=30,
-                                    pacing=Pacing(0)))
-    assert proxy is not None
+    proxy = Proxy(Target(SERVED, fast_upstream.url), request_timeout=30, pacing=Pacing(0))
+    handler = make_handler(proxy)
 
     async def cancel_one(stream: int) -> None:
         first = asyncio.Event()
 
         async def consume() -> None:
-            async for _ in handler.handler({"id": f"c{stream}", "input": endless(stream)}):
+            async for _ in handler({"id": f"c{stream}", "input": endless(stream)}):
                 first.set()
 
         task = asyncio.create_task(consume())
@@ -453,7 +450,6 @@ def test_100_cancelled_jobs_close_their_upstream_within_1_s_and_leak_nothing(
             return before, after, stats
         finally:
             await proxy.aclose()
-            handler.configure(None)
 
     before, after, stats = asyncio.run(asyncio.wait_for(scenario(), 120))
 

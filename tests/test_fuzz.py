@@ -3,7 +3,7 @@ that says what is wrong; no route outside the allowlist ever reaches vLLM.
 
 The properties run under hypothesis: a few hundred examples per property by default,
 `FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest tests/test_fuzz.py` for a large run.
-Every example drives `handler.handler` to its end under a deadline (never hangs,
+Every example drives the job handler to its end under a deadline (never hangs,
 never raises) against a recording upstream in the same event loop, which checks what
 actually went over the wire: one request, to an allowed route, with the right method,
 and for a body a strict-JSON object naming a `model`.
@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from pytest_httpserver import HTTPServer
 
-import handler
+from handler import make_handler
 from proxy import Proxy
 from relay import Pacing
 from routes import ALIASES, UPSTREAM_ROUTES, Target, resolve_route
@@ -110,10 +110,10 @@ class Fuzzing:
     def run(self, job_input: Any) -> tuple[list[Any], list[Seen]]:
         """The job's yields and the requests vLLM would have received."""
         self.recorder.requests.clear()
-        handler.configure(self.proxy)  # other tests in this module configure their own
+        handler = make_handler(self.proxy)
 
         async def drive() -> list[Any]:
-            return [item async for item in handler.handler({"id": "fuzz", "input": job_input})]
+            return [item async for item in handler({"id": "fuzz", "input": job_input})]
 
         items = self.loop.run_until_complete(asyncio.wait_for(drive(), DEADLINE))
         return items, list(self.recorder.requests)
@@ -127,11 +127,9 @@ def fuzzing() -> Iterator[Fuzzing]:
     recorder = Recorder()
     loop.run_until_complete(recorder.start())
     proxy = Proxy(Target(SERVED, recorder.url), request_timeout=5, pacing=Pacing(0))
-    handler.configure(proxy)
     try:
         yield Fuzzing(loop, recorder, proxy)
     finally:
-        handler.configure(None)
         loop.run_until_complete(proxy.aclose())
         loop.run_until_complete(recorder.stop())
         loop.close()

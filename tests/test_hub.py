@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from diagnostic import setting_names
+from relay import Pacing
 from routes import Target, resolve
 from settings import DEFAULTS, SettingsError, load
-from test_vllm_command import setting_names
 
 RUNPOD = Path(__file__).resolve().parent.parent / ".runpod"
 HUB: dict[str, Any] = json.loads((RUNPOD / "hub.json").read_text())
@@ -121,7 +122,7 @@ def test_hub_tests_send_jobs_the_worker_accepts_naming_the_served_model() -> Non
     targets = [Target(m.served_name, f"http://127.0.0.1:{m.port}") for m in settings.models]
     assert TESTS["tests"], "tests.json runs no test"
     for test in TESTS["tests"]:
-        request = resolve(test["input"], targets, settings.default_max_tokens)
+        request = resolve(test["input"], targets, settings.default_max_tokens, Pacing()).first
         if request.body is not None:
             assert request.body["model"] == settings.served_model_name, test["name"]
         assert isinstance(test["timeout"], int) and test["timeout"] > 0

@@ -22,9 +22,9 @@ import pytest
 from runpod.serverless.modules.rp_job import run_job_generator
 from runpod.serverless.modules.rp_logger import RunPodLogger
 
-import handler
 from conftest import FastUpstream, JobPlatform
 from fast_upstream import MULTIBYTE, json_body, stream_body
+from handler import make_handler
 from proxy import Proxy
 from relay import Pacing
 from routes import Target
@@ -58,18 +58,14 @@ def quiet_sdk() -> Iterator[None]:
 
 
 @pytest.fixture
-def proxy(fast_upstream: FastUpstream) -> Iterator[Proxy]:
+def proxy(fast_upstream: FastUpstream) -> Proxy:
     """The handler's proxy with the worker's default pacing, pointed at the fast stand-in."""
-    made = handler.configure(Proxy(Target(SERVED, fast_upstream.url), request_timeout=120,
-                                   pacing=Pacing()))
-    assert made is not None
-    yield made
-    handler.configure(None)
+    return Proxy(Target(SERVED, fast_upstream.url), request_timeout=120, pacing=Pacing())
 
 
-async def sdk_job(job_input: Any, job_id: str) -> list[dict[str, Any]]:
+async def sdk_job(proxy: Proxy, job_input: Any, job_id: str) -> list[dict[str, Any]]:
     """Every item the SDK would post for the job (`{"output": ...}` or `{"error": ...}`)."""
-    return [out async for out in run_job_generator(handler.handler,
+    return [out async for out in run_job_generator(make_handler(proxy),
                                                    {"id": job_id, "input": job_input})]
 
 
@@ -80,7 +76,8 @@ def test_256_concurrent_streams_through_the_handler_arrive_whole_and_in_order(
     async def scenario() -> list[list[dict[str, Any]]]:
         try:
             return await asyncio.gather(*(
-                sdk_job({"openai_route": CHAT, "openai_input": stream_request(s)}, f"load-{s}")
+                sdk_job(proxy, {"openai_route": CHAT, "openai_input": stream_request(s)},
+                        f"load-{s}")
                 for s in range(STREAMS)))
         finally:
             await proxy.aclose()
@@ -147,7 +144,7 @@ def test_a_10_mb_request_and_a_10_mb_answer_pass_intact_through_the_handler(
 
     async def scenario() -> list[dict[str, Any]]:
         try:
-            return await sdk_job({"openai_route": CHAT, "openai_input": body}, "big")
+            return await sdk_job(proxy, {"openai_route": CHAT, "openai_input": body}, "big")
         finally:
             await proxy.aclose()
 
@@ -183,7 +180,7 @@ def test_a_stream_of_1_mb_of_multibyte_text_is_relayed_byte_exact(
 
     async def through_handler() -> list[dict[str, Any]]:
         try:
-            return await sdk_job({"openai_route": CHAT, "openai_input": request}, "mb")
+            return await sdk_job(proxy, {"openai_route": CHAT, "openai_input": request}, "mb")
         finally:
             await proxy.aclose()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -79,17 +78,6 @@ def test_explicit_values_win_and_empty_turns_off() -> None:
 def test_turning_tools_on_for_an_unknown_family_fails_at_start() -> None:
     with pytest.raises(SettingsError, match="set TOOL_CALL_PARSER"):
         choose(ModelInfo("acme/mystery-7b"), True, None, None)
-
-
-def test_model_files_are_read_from_the_folder(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": QWEN_TEMPLATE}))
-    assert read_model_info("x", str(tmp_path)) == ModelInfo("x", "qwen3", QWEN_TEMPLATE)
-    (tmp_path / "chat_template.jinja").write_text(LLAMA3_TEMPLATE)
-    assert read_model_info("x", str(tmp_path)).chat_template == LLAMA3_TEMPLATE
-    (tmp_path / "config.json").write_text("{broken")
-    assert read_model_info("x", str(tmp_path)).model_type == ""
-    assert read_model_info("x", None) == ModelInfo("x")
 
 
 def test_the_tiny_model_gets_a_parser_its_template_supports() -> None:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 import relay
-from relay import Pacing, StreamRelay, event_end
+from relay import Pacing, StreamRelay
 
 
 def chat_events(n: int, text: str = "héllo 世界 🙂") -> bytes:
@@ -56,12 +56,6 @@ async def chunks_of(data: bytes, sizes: list[int]) -> AsyncIterator[bytes]:
 
 async def collect(relay: StreamRelay) -> list[str]:
     return [text async for text in relay]
-
-
-def test_event_end_finds_the_last_blank_line() -> None:
-    assert event_end(b"data: a\n\ndata: b") == len(b"data: a\n\n")
-    assert event_end(b"data: a\r\n\r\nda") == len(b"data: a\r\n\r\n")
-    assert event_end(b"data: a\n") == 0
 
 
 @pytest.mark.parametrize("sizes", [[1], [2, 3], [7], [1, 64, 5], [4096]])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from diagnostic import setting_names
 from settings import DEFAULTS, SettingsError, load
-from test_vllm_command import setting_names
 
 
 def test_defaults_match_the_documented_table() -> None:

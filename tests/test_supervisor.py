@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -21,10 +23,12 @@ from pathlib import Path
 import pytest
 
 from fake_vllm import free_port, write_launcher
-from settings import load, secret_values
-from startup import setup_logging
+from masking import secret_values, setup_logging
+from settings import load
 from supervisor import StartupError, VllmChild, group_members, wait_healthy
 from vllm_command import build_command
+
+PROJECT = Path(__file__).resolve().parent.parent
 
 MODEL = "/models/tiny-model"
 SERVED = "test-org/tiny-model"
@@ -214,3 +218,28 @@ def test_vllm_leads_its_own_process_group_inside_the_workers_session(
     pid = started.child.pid
     assert os.getpgid(pid) == pid != os.getpgid(0)
     assert os.getsid(pid) == os.getsid(0)
+
+
+REAPER = """
+import ctypes, json, os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from supervisor import VllmChild, group_members
+# As PID 1 in the image: orphans of vLLM's group are re-parented to this process.
+assert ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+child = VllmChild(["sh", "-c", "sleep 60 & exec sleep 60"])
+child.start()
+while len(group_members(child.pid)) < 2:
+    time.sleep(0.01)
+os.kill(child.pid, signal.SIGKILL)  # the leader dies: its own child is orphaned to us
+child.stop(grace=5)
+print(json.dumps(group_members(child.pid, zombies=True)))
+"""
+
+
+def test_an_orphaned_vllm_process_is_reaped_by_the_worker_that_inherits_it() -> None:
+    """In the image the worker is PID 1 with no init: an engine core left by a crash
+    becomes its child, and a zombie for ever unless the worker reaps it."""
+    done = subprocess.run([sys.executable, "-c", REAPER, str(PROJECT)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []

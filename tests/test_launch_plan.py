@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from launch_plan import child_env, plan_launch
 from settings import load
-from startup import child_env, plan_launch
 
 
 def model_folder(path: Path, config: dict[str, object]) -> Path:

@@ -7,7 +7,7 @@ one offline in seconds: a <1 MB Llama model with seeded random weights, a byte-l
 hermes tool-call parser and the qwen3 / deepseek_r1 reasoning parsers look for. Its text is
 gibberish; its tokens and protocol are real. The same recipe gives the same bytes on every build.
 
-Usage: python tiny_model.py OUTPUT_DIR
+Usage: python tools/tiny_model.py OUTPUT_DIR
 """
 
 from __future__ import annotations
