@@ -35,17 +35,18 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, TextIO
 
 import httpx
 
-from launch_plan import Launch, child_env, plan_launch
-from masking import MASK, mask, mask_argv, secret_values, show
+from launch_plan import Launch, plan_launch
+from masking import MASK, is_secret_name, mask, mask_argv, secret_values, show
 from model_locator import LocatorError
 from preflight import Check, run_checks
-from settings import DEFAULTS, SettingsError, load
+from settings import Settings, SettingsError, load
+from settings_table import SETTINGS, Setting
 from supervisor import QUOTED_LINES, StartupError, VllmChild, wait_healthy
 from vllm_command import count_gpus
 
@@ -53,49 +54,38 @@ EXIT_OK, EXIT_SETTINGS, EXIT_MODEL, EXIT_CHECK = 0, 2, 3, 4
 EXIT_VLLM_EXITED, EXIT_TIMEOUT, EXIT_NOT_SERVING = 5, 6, 7
 
 
-class _Recorder(Mapping[str, str]):
-    """An empty environment that remembers every variable asked for."""
-
-    def __init__(self) -> None:
-        self.asked: list[str] = []
-
-    def __getitem__(self, key: str) -> str:
-        self.asked.append(key)
-        raise KeyError(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
-
-
 def setting_names() -> tuple[str, ...]:
-    """Every variable `settings.load` reads, those with defaults first: the one list of them."""
-    recorder = _Recorder()
-    load(recorder)
-    asked = list(dict.fromkeys(recorder.asked))
-    return tuple([n for n in DEFAULTS if n in asked] + [n for n in asked if n not in DEFAULTS])
+    """Every variable the worker reads as its own setting, as settings_table declares them."""
+    return tuple(s.name for s in SETTINGS)
 
 
 def describe_settings(env: Mapping[str, str]) -> list[dict[str, str]]:
-    """Each setting that has a value, and its source; secret-named values are never shown."""
+    """Each setting that has a value, and its source; secret values are never shown."""
     rows = []
-    for name in (*setting_names(), "HF_TOKEN", "HF_HUB_OFFLINE"):
-        raw = (env.get(name) or "").strip()
-        if raw:
-            rows.append({"name": name, "source": "set",
-                         "value": MASK if secret_values({name: "xxxx"}) else raw})
-        elif name in DEFAULTS:
-            rows.append({"name": name, "value": DEFAULTS[name], "source": "default"})
+    for setting in (*SETTINGS, Setting("HF_HUB_OFFLINE", None, str, "")):
+        given = (env.get(setting.name) or "").strip()
+        if given:
+            hidden = setting.secret or is_secret_name(setting.name)
+            rows.append({"name": setting.name, "value": MASK if hidden else given,
+                         "source": "set"})
+        elif setting.default is not None:
+            rows.append({"name": setting.name, "value": setting.default, "source": "default"})
     return rows
+
+
+def describe_flags(settings: Settings) -> list[dict[str, str]]:
+    """Each vLLM flag a variable (or the config file) sets, and where it came from."""
+    return [{"flag": arg.flag, "argv": " ".join(arg.argv), "source": arg.source,
+             "in": "command line" if arg in settings.flag_args else "config file"}
+            for arg in (*settings.flag_args, *settings.config_args)]
 
 
 def judge_models(status: int, body: str, served: str) -> Check:
     """Does /v1/models list the name the worker sends (and clients must send) as `model`?"""
     if status == 401:
-        return Check("models", "fail", "/v1/models answered 401: remove --api-key from "
-                                       "VLLM_EXTRA_ARGS")
+        return Check("models", "fail", "/v1/models answered 401: vLLM wants an API key the "
+                                       "worker does not know; give it as --api-key in "
+                                       "VLLM_EXTRA_ARGS, where the worker reads it")
     try:
         ids = [m["id"] for m in json.loads(body)["data"]]
     except (ValueError, KeyError, TypeError):
@@ -105,9 +95,10 @@ def judge_models(status: int, body: str, served: str) -> Check:
     return Check("models", "ok", f"/v1/models serves {served!r}: clients send it as `model`")
 
 
-def probe_models(base_url: str, served: str) -> Check:
+def probe_models(base_url: str, served: str, api_key: str | None = None) -> Check:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        answer = httpx.get(f"{base_url}/v1/models", timeout=10)
+        answer = httpx.get(f"{base_url}/v1/models", timeout=10, headers=headers)
     except httpx.HTTPError as exc:
         return Check("models", "fail", f"/v1/models could not be read: {exc}")
     return judge_models(answer.status_code, answer.text, served)
@@ -133,7 +124,8 @@ class Report:
         self.secrets: list[str] = []
         self.data: dict[str, Any] = {
             "ok": True, "exit_code": EXIT_OK, "failed_step": None, "error": None,
-            "settings": [], "models": [], "checks": [], "launch": None}
+            "settings": [], "flags": [], "notes": [], "warnings": [], "models": [],
+            "checks": [], "launch": None}
 
     def say(self, text: str) -> None:
         if not self.as_json:
@@ -141,6 +133,17 @@ class Report:
 
     def log(self, text: str) -> None:
         print(mask(text, self.secrets), file=self.log_out, flush=True)
+
+    def settings(self, settings: Settings, flags: list[dict[str, str]]) -> None:
+        """The vLLM flags variables set, the notes and the warnings of the settings."""
+        self.data.update(flags=flags, notes=list(settings.notes),
+                         warnings=list(settings.warnings))
+        for flag in flags:
+            self.say(f"  {flag['argv']}  (from {flag['source']}, {flag['in']})")
+        for note in settings.notes:
+            self.say(f"  note: {note}")
+        for warning in settings.warnings:
+            self.say(f"  warn: {warning}")
 
     def check(self, check: Check) -> None:
         self.data["checks"].append(asdict(check))
@@ -185,7 +188,7 @@ class _Elapsed(logging.Handler):
 
 # ------------------------------------------------------------------- steps --
 
-def launch(launches: Sequence[Launch], env: Mapping[str, str], timeout: float,
+def launch(launches: Sequence[Launch], timeout: float, api_key: str | None,
            report: Report) -> int:
     """Start every vLLM as the worker does, wait for health, ask for the models, stop them."""
     started = time.time()
@@ -193,7 +196,7 @@ def launch(launches: Sequence[Launch], env: Mapping[str, str], timeout: float,
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    children = [(x, VllmChild(x.argv, child_env(env))) for x in launches]
+    children = [(x, VllmChild(x.argv, x.env)) for x in launches]
     result: dict[str, Any] = {"healthy": False, "seconds": None, "model": None, "exit": None,
                               "last_lines": [], "models": []}
     report.data["launch"] = result
@@ -215,7 +218,7 @@ def launch(launches: Sequence[Launch], env: Mapping[str, str], timeout: float,
                     outcome = (EXIT_TIMEOUT, "launch",
                                f"vLLM for {served} was not healthy after {timeout:g} s")
                 break
-            models = probe_models(url, served)
+            models = probe_models(url, served, api_key)
             result["models"].append(models.detail)
             report.data["checks"].append(asdict(models))
             if models.status == "fail":
@@ -246,10 +249,12 @@ def diagnose(args: argparse.Namespace, env: Mapping[str, str], report: Report) -
         settings = load(env)
     except SettingsError as exc:
         return report.finish(EXIT_SETTINGS, "settings", str(exc))
+    report.settings(settings, describe_flags(settings))
     if url := settings.vllm_base_url:  # the worker starts nothing: is that server serving?
         report.say(f"\n2. vLLM server\n  VLLM_BASE_URL is set: the worker starts no vLLM and "
                    f"sends every job to {url}")
-        report.check(models := probe_models(settings.upstream_url, settings.served_model_name))
+        report.check(models := probe_models(settings.upstream_url, settings.served_model_name,
+                                                  settings.vllm_api_key))
         failed = models.status == "fail"
         return report.finish(EXIT_NOT_SERVING if failed else EXIT_OK,
                              "upstream" if failed else None, models.detail if failed else None)
@@ -275,7 +280,8 @@ def diagnose(args: argparse.Namespace, env: Mapping[str, str], report: Report) -
         report.say("\nNothing was started: --launch starts vLLM as shown above.")
         return report.finish(EXIT_OK)
     report.say("\n4. Launch")
-    return launch(launches, env, args.timeout or settings.startup_timeout, report)
+    return launch(launches, args.timeout or settings.startup_timeout, settings.vllm_api_key,
+                  report)
 
 
 def _seconds(text: str) -> float:

@@ -15,13 +15,12 @@ from dataclasses import dataclass, replace
 from model_info import read_model_info
 from model_locator import Location, link_for_vllm, locate
 from parsers import Choice, choose
-from settings import ModelSettings, Settings
+from settings import SETTINGS, ModelSettings, Settings
 from vllm_command import build_command, count_gpus
 
 # Worker settings that vLLM would misread (it uses VLLM_PORT for its own internal ports)
 # or warn about, and secrets it has no use for: kept out of the child's environment.
-WORKER_ONLY = ("VLLM_PORT", "VLLM_PYTHON", "VLLM_EXTRA_ARGS", "VLLM_BASE_URL",
-               "VLLM_STARTUP_TIMEOUT", "LOCAL_API_KEY")
+WORKER_ONLY = frozenset(s.name for s in SETTINGS if s.worker_only)
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,7 @@ class Launch:
     weights: str
     parsers: Choice
     argv: list[str]
+    env: dict[str, str]
 
     @property
     def base_url(self) -> str:
@@ -44,8 +44,14 @@ class Launch:
         return self.location.steps + self.parsers.reasons
 
 
-def child_env(env: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k not in WORKER_ONLY}
+def child_env(env: Mapping[str, str], settings: Settings) -> dict[str, str]:
+    """vLLM's environment: the worker's without its own settings, with HF_HOME (vLLM and
+    huggingface_hub read it too) and the download cache the settings chose."""
+    kept = {k: v for k, v in env.items() if k not in WORKER_ONLY}
+    kept.setdefault("HF_HOME", settings.hf_home)
+    if settings.download_cache:
+        kept.setdefault("HF_HUB_CACHE", settings.download_cache)
+    return kept
 
 
 def plan_launch(settings: Settings, model: ModelSettings, env: Mapping[str, str]) -> Launch:
@@ -63,9 +69,10 @@ def plan_launch(settings: Settings, model: ModelSettings, env: Mapping[str, str]
         choice = Choice(None, None, (f"{model.label} does not generate text "
                                      f"({', '.join(info.architectures)}): no parsers",))
     limit = info.max_positions
-    if model.max_model_len_is_default and limit is not None and limit < model.max_model_len:
+    if (model.max_model_len_is_default and limit is not None and model.max_model_len is not None
+            and limit < model.max_model_len):
         model = replace(model, max_model_len=limit)
         choice = replace(choice, reasons=(*choice.reasons, f"context length {limit}: the "
                                           f"longest {model.label} allows (MAX_MODEL_LEN unset)"))
     argv = build_command(settings, model, weights, count_gpus(env), choice)
-    return Launch(model, location, weights, choice, argv)
+    return Launch(model, location, weights, choice, argv, child_env(env, settings))

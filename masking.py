@@ -16,9 +16,13 @@ import sys
 from collections.abc import Mapping, Sequence
 
 MASK = "***"
-# Variables whose values must never be logged or returned.
-_SECRET_NAME = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)", re.IGNORECASE)
-SECRET_FLAG = re.compile(r"^--?[\w-]*(key|token|secret|password)[\w-]*$", re.IGNORECASE)
+# Variables whose values must never be logged or returned: HF_TOKEN, *_API_KEY, *_KEY,
+# *_TOKEN, *SECRET*, *PASSWORD*, *CREDENTIAL*. Precisely so: TOKEN or KEY inside a name
+# is not enough (DEFAULT_MAX_TOKENS, MAX_NUM_BATCHED_TOKENS, TOKENIZER, SSL_KEYFILE are
+# ordinary settings, and masking their values would hide every "2048" in every log line).
+_SECRET_NAME = re.compile(r"(^|_)(TOKEN|KEY)$|SECRET|PASSW(OR)?D|CREDENTIAL", re.IGNORECASE)
+SECRET_FLAG = re.compile(r"^--?([\w-]*-)?(token|key)$|^--?[\w-]*(secret|passw(or)?d)[\w-]*$",
+                         re.IGNORECASE)
 _SHORTEST = 4  # shorter values would mask ordinary text everywhere
 
 

@@ -161,7 +161,7 @@ def run_checks(settings: Settings, env: Mapping[str, str], launches: Sequence[La
     ram = available_ram(meminfo.read_text()) if meminfo.exists() else None
     memory = gpu_memory(env) if gpus else None
     several = len(launches) > 1
-    checks = [check_vllm(settings, child_env(env)), check_gpus(gpus, settings),
+    checks = [check_vllm(settings, child_env(env, settings)), check_gpus(gpus, settings),
               check_disk(settings.hf_home, not all(x.location.is_local for x in launches))]
     offline = (env.get("HF_HUB_OFFLINE") or "").strip().lower() in {"1", "true", "yes", "on"}
     for launch in launches:
@@ -176,8 +176,8 @@ def run_checks(settings: Settings, env: Mapping[str, str], launches: Sequence[La
         if offline and not local:
             checks.append(Check("offline", "fail", f"HF_HUB_OFFLINE is set and {where} is not "
                                                    "on disk: vLLM cannot download it"))
-    if any(a.split("=")[0] == "--api-key" for a in settings.vllm_extra_args):
-        checks.append(Check("api-key", "warn", "VLLM_EXTRA_ARGS sets --api-key: vLLM then "
-                            "refuses the worker's own requests (401); the Runpod API key "
-                            "already guards the endpoint"))
+    if settings.vllm_api_key:
+        checks.append(Check("api-key", "warn", "VLLM_EXTRA_ARGS sets --api-key: the worker "
+                            "sends it on its own requests to vLLM; the Runpod API key already "
+                            "guards the endpoint, so it only protects vLLM's loopback port"))
     return checks

@@ -42,12 +42,14 @@ class Proxy:
 
     def __init__(self, targets: Target | Sequence[Target], request_timeout: float = 600,
                  pacing: Pacing | None = None, prompt_max_tokens: int = 512,
-                 upstream_exit: Callable[[float], str | None] = _no_exit) -> None:
+                 upstream_exit: Callable[[float], str | None] = _no_exit,
+                 api_key: str | None = None) -> None:
         self.targets = [targets] if isinstance(targets, Target) else list(targets)
         self.request_timeout = request_timeout
         self.pacing = pacing or Pacing()
         self.prompt_max_tokens = prompt_max_tokens
         self.upstream_exit = upstream_exit
+        self.api_key = api_key  # vLLM's own --api-key, when the deployment gave one
         self.in_flight = 0  # jobs in `run` now
         self._refusal: str | None = None
         self._closing: str | None = None
@@ -86,7 +88,8 @@ class Proxy:
             self._client = httpx.AsyncClient(
                 timeout=httpx.Timeout(self.request_timeout, connect=10),
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-                headers={"Accept-Encoding": "identity"},
+                headers={"Accept-Encoding": "identity",
+                         **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})},
             )
             self._client_loop = loop
         return self._client

@@ -65,10 +65,15 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     """Logging (secrets masked) and the settings; an invalid one ends the process (2)."""
     setup_logging(secret_values(env))
     try:
-        return load(env)
+        settings = load(env)
     except SettingsError as exc:
         log.error("Invalid setting: %s", exc)
         sys.exit(2)
+    for note in settings.notes:
+        log.info("%s", note)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+    return settings
 
 
 def make_proxy(settings: Settings, upstreams: Sequence[Upstream]) -> Proxy:
@@ -76,7 +81,8 @@ def make_proxy(settings: Settings, upstreams: Sequence[Upstream]) -> Proxy:
     pacing = Pacing(settings.stream_flush_interval, settings.min_batch_size,
                     settings.max_batch_size, settings.batch_size_growth_factor or 3.0)
     return Proxy([u.target for u in upstreams], settings.request_timeout, pacing,
-                 settings.default_max_tokens, lambda timeout: exit_reason(upstreams, timeout))
+                 settings.default_max_tokens, lambda timeout: exit_reason(upstreams, timeout),
+                 settings.vllm_api_key)
 
 
 def exit_now(code: int) -> None:
@@ -125,7 +131,7 @@ class Service:
                                       settings.startup_timeout)]
         else:
             launches = [plan_launch(settings, model, self.env) for model in settings.models]
-            self.upstreams = start_upstreams(launches, self.env, settings.startup_timeout,
+            self.upstreams = start_upstreams(launches, settings.startup_timeout,
                                              settings.secrets)
         self.proxy = make_proxy(settings, self.upstreams)
         if self.state is State.STARTING:

@@ -1,54 +1,50 @@
-"""Every setting the worker reads, validated in one pass.
+"""Read and validate every setting in one pass, before anything is spawned.
 
 `load(env)` is the only place that looks at environment variables: it takes a
-mapping (tests pass plain dicts), applies the defaults below, and raises
-`SettingsError` with a sentence naming the variable when a value is invalid,
-before anything is spawned. Unset optional vLLM settings stay `None` so that
-vLLM's own defaults apply; for the tool-calling and reasoning settings, None
-(unset, empty or `auto`) means "pick for the model" (parsers.py) and "" or
-False (`false`, `off`, `none`) means "off".
+mapping (tests pass plain dicts), reads each row of settings_table.SETTINGS, turns
+every `vllm serve` flag variable into its argv (vllm_flags.py), and raises
+`SettingsError` with a sentence naming the variable when a value is invalid.
+
+When one flag is given more than once, the first of these wins: a named worker
+setting (`MAX_MODEL_LEN`, `MODEL_REVISION`, ...), then the flag's own variable
+(`REVISION`), then the config file (`VLLM_CONFIG_FILE`: vLLM lets command-line
+flags override it). `VLLM_EXTRA_ARGS` comes last on the command line, so a flag
+there overrides all of them; each such override is a warning. Variables that mean
+nothing any more are accepted with a note; a name one or two letters away from a
+setting gets a warning naming the setting it probably meant.
 """
 
 from __future__ import annotations
 
-import re
-import shlex
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any
 
+from config_file import config_flags
+from env_names import closest, near_misses
 from masking import secret_values
+from settings_table import BY_NAME, SETTINGS, SettingsError
+from vllm_flags import (
+    ALIASES,
+    BY_VARIABLE,
+    FLAGS,
+    RETIRED,
+    VLLM_VERSION,
+    FlagArg,
+    FlagError,
+    flag_argv,
+    known_flag,
+)
 
-DEFAULT_MODEL_NAME = "openai/gpt-oss-120b"
+__all__ = ["FlagArg", "ModelSettings", "Settings", "SettingsError", "load", "SETTINGS"]
 RUNPOD_MODEL_CACHE = "/runpod-volume/huggingface-cache/hub"
-
-# Name -> default, as documented in the README's settings table (a test checks both agree).
-DEFAULTS: dict[str, str] = {
-    "MODEL_NAME": DEFAULT_MODEL_NAME,
-    "HF_HOME": "/runpod-volume/huggingface",
-    "GPU_MEMORY_UTILIZATION": "0.95",
-    "MAX_MODEL_LEN": "8192",
-    "DTYPE": "bfloat16",
-    "VLLM_PORT": "8000",
-    "USE_VLLM_SERVE": "false",
-    "VLLM_PYTHON": "python3",
-    "MAX_CONCURRENCY": "30",
-    "VLLM_STARTUP_TIMEOUT": "1800",
-    "REQUEST_TIMEOUT": "600",
-    "STREAM_FLUSH_INTERVAL": "0.05",
-    "DEFAULT_MAX_TOKENS": "512",
-    "SHUTDOWN_GRACE_PERIOD": "30",
-    "LOCAL_MAX_BODY_MB": "20",
-}
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-T = TypeVar("T")
-
-
-class SettingsError(ValueError):
-    """A setting is invalid; the message names the variable and the accepted values."""
+DEFAULTS = {s.name: s.default for s in SETTINGS if s.default is not None}
+DEFAULT_MODEL_NAME = DEFAULTS["MODEL_NAME"]
+DEFAULT_CONTEXT = int(BY_NAME["MAX_MODEL_LEN"].default or 8192)
+# Flags the worker's own settings set: their variables are those settings.
+NAMED_FLAGS = {"--max-model-len", "--gpu-memory-utilization", "--dtype", "--runner", "--convert",
+               "--tensor-parallel-size", "--enable-auto-tool-choice", "--tool-call-parser",
+               "--reasoning-parser", "--model", "--served-model-name", "--host", "--port"}
 
 
 @dataclass(frozen=True)
@@ -61,7 +57,7 @@ class ModelSettings:
     served_name: str
     port: int
     gpu_memory_utilization: float
-    max_model_len: int
+    max_model_len: int | None  # None: vLLM's own choice (MAX_MODEL_LEN=auto)
     max_model_len_is_default: bool
     runner: str | None
     convert: str | None
@@ -72,7 +68,8 @@ class Settings:
     models: tuple[ModelSettings, ...]
     hf_home: str
     hub_caches: tuple[str, ...]
-    dtype: str
+    download_cache: str | None  # where vLLM downloads (HF_HUB_CACHE), when not HF_HOME/hub
+    dtype: str | None
     vllm_port: int
     use_vllm_serve: bool
     vllm_python: str
@@ -80,7 +77,10 @@ class Settings:
     enable_auto_tool_choice: bool | None
     tool_call_parser: str | None
     reasoning_parser: str | None
+    flag_args: tuple[FlagArg, ...]  # from variables, in the command line
+    config_args: tuple[FlagArg, ...]  # in the config file, which vLLM reads itself
     vllm_extra_args: tuple[str, ...]
+    vllm_api_key: str | None  # --api-key in VLLM_EXTRA_ARGS: sent on the worker's requests
     vllm_base_url: str | None
     max_concurrency: int
     startup_timeout: float
@@ -94,6 +94,8 @@ class Settings:
     local_api_key: str | None
     local_max_body_bytes: int
     secrets: tuple[str, ...]
+    notes: tuple[str, ...] = ()  # one line each: a retired or renamed variable
+    warnings: tuple[str, ...] = ()
 
     # The first (or only) model's values, for what concerns a single model.
     @property
@@ -112,201 +114,186 @@ class Settings:
     @property
     def upstream_url(self) -> str:
         """Where the first vLLM answers: the external server, else the child on loopback."""
-        return (self.vllm_base_url or f"http://127.0.0.1:{self.models[0].port}").rstrip("/")
+        return self.vllm_base_url or f"http://127.0.0.1:{self.models[0].port}"
 
 
-def _value(env: Mapping[str, str], name: str) -> str | None:
-    """The variable's value, with empty strings treated as unset."""
-    raw = env.get(name, DEFAULTS.get(name))
-    if raw is None or raw.strip() == "":
-        return DEFAULTS.get(name)
-    return raw.strip()
+def raw(env: Mapping[str, str], name: str) -> str | None:
+    """The variable's value, stripped; None when unset or empty."""
+    value = (env.get(name) or "").strip()
+    return value or None
 
 
-def _number(env: Mapping[str, str], name: str, cast: Callable[[str], T], rule: str,
-            ok: Callable[[T], bool]) -> T | None:
-    raw = _value(env, name)
-    if raw is None:
-        return None
-    try:
-        value = cast(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not valid: it must be {rule}.") from None
-    if not ok(value):
-        raise SettingsError(f"{name}={raw!r} is not valid: it must be {rule}.")
-    return value
+def value(env: Mapping[str, str], name: str) -> Any:
+    """A table setting's value: read from the variable, else from its default."""
+    setting = BY_NAME[name]
+    given = raw(env, name) or setting.default
+    return None if given is None else setting.read(name, given)
 
 
-def _positive_int(env: Mapping[str, str], name: str) -> int | None:
-    return _number(env, name, int, "a whole number above 0", lambda v: v > 0)
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(";") if part.strip()]
 
 
-def _positive_float(env: Mapping[str, str], name: str) -> float | None:
-    return _number(env, name, float, "a number of seconds above 0", lambda v: 0 < v < float("inf"))
-
-
-def _bool(env: Mapping[str, str], name: str) -> bool | None:
-    raw = _value(env, name)
-    if raw is None:
-        return None
-    if raw.lower() in _TRUE:
-        return True
-    if raw.lower() in _FALSE:
-        return False
-    raise SettingsError(f"{name}={raw!r} is not valid: it must be true or false.")
-
-
-_OFF = {"false", "off", "none", "0"}
-
-
-def _parser(env: Mapping[str, str], name: str) -> str | None:
-    """A parser name; None (unset, empty or `auto`) picks one for the model; "" (`off`,
-    `false`, `none`) turns the feature off. Empty is not "off": a Hub form field left
-    blank arrives empty, and must not silently turn tool calling off."""
-    raw = (env.get(name) or "").strip()
-    if raw.lower() in {"", "auto"}:
-        return None
-    return "" if raw.lower() in _OFF else raw
-
-
-def _switch(env: Mapping[str, str], name: str) -> bool | None:
-    """True/False when set, None when unset, empty or `auto`."""
-    if (env.get(name) or "").strip().lower() == "auto":
-        return None
-    return _bool(env, name)
-
-
-def _extra_args(env: Mapping[str, str]) -> tuple[str, ...]:
-    try:
-        args = tuple(shlex.split(_value(env, "VLLM_EXTRA_ARGS") or ""))
-    except ValueError as exc:
-        raise SettingsError(f"VLLM_EXTRA_ARGS cannot be split into arguments: {exc}.") from None
-    for arg in args:
-        # argparse keeps the last value (and takes abbreviations): `--host` here would win
-        # over 127.0.0.1 and open vLLM's admin routes, kept from job input, to the network.
-        flag = arg.partition("=")[0]
-        if len(flag) > 3 and "--host".startswith(flag):
-            raise SettingsError(f"VLLM_EXTRA_ARGS must not set --host (got {arg!r}): vLLM "
-                                "listens on 127.0.0.1, where only this worker can reach it.")
-    return args
-
-
-def _split(raw: str | None) -> list[str]:
-    return [part.strip() for part in (raw or "").split(";") if part.strip()]
-
-
-def _per_model(env: Mapping[str, str], name: str, count: int, cast: Callable[[str], T],
-               rule: str, ok: Callable[[T], bool]) -> list[T | None]:
+def _per_model(env: Mapping[str, str], name: str, count: int) -> list[Any]:
     """A value for each model: one value for all, or a semicolon list with one per model."""
-    parts = _split(env.get(name)) or [None]
+    parts = _split(raw(env, name)) or [BY_NAME[name].default]
     if len(parts) not in (1, count):
         raise SettingsError(f"{name} has {len(parts)} values for {count} models (MODEL_NAMES): "
                             "give one value, or one per model separated by ';'.")
-    values = []
-    for part in parts:
-        values.append(None if part is None else _number({name: part}, name, cast, rule, ok))
+    values = [None if p is None else BY_NAME[name].read(name, p) for p in parts]
     return values * count if len(values) == 1 else values
 
 
 def _models(env: Mapping[str, str], port: int) -> tuple[ModelSettings, ...]:
     """MODEL_NAMES (several models, one vLLM each) or MODEL_NAME/MODEL_PATH (one)."""
-    names = _split(env.get("MODEL_NAMES"))
-    path = _value(env, "MODEL_PATH")
+    names = _split(raw(env, "MODEL_NAMES"))
+    path = raw(env, "MODEL_PATH")
     if names and path:
         raise SettingsError("MODEL_PATH serves one model; with MODEL_NAMES give each model's "
                             "hub id or absolute path in the list instead.")
-    if not names:
-        names = [_value(env, "MODEL_NAME") or DEFAULT_MODEL_NAME]
+    names = names or [raw(env, "MODEL_NAME") or DEFAULT_MODEL_NAME]
     labels = list(names)
-    if path and not (env.get("MODEL_NAME") or "").strip():
+    if path and not raw(env, "MODEL_NAME"):
         labels = [path.rstrip("/").rsplit("/", 1)[-1]]  # no name given: the folder's
     count = len(names)
-    overrides = _split(env.get("OPENAI_SERVED_MODEL_NAME_OVERRIDE"))
+    overrides = _split(raw(env, "OPENAI_SERVED_MODEL_NAME_OVERRIDE"))
     if len(overrides) not in (0, count):
         raise SettingsError(f"OPENAI_SERVED_MODEL_NAME_OVERRIDE has {len(overrides)} names for "
                             f"{count} models: give one per model, separated by ';'.")
     served = overrides or labels
     if len(set(served)) != count:
         raise SettingsError(f"Two models would be served under the same name: {served}.")
-    if len(_split(env.get("GPU_MEMORY_UTILIZATION"))) > 1:
-        share = _per_model(env, "GPU_MEMORY_UTILIZATION", count, float, "a fraction in (0, 1]",
-                           lambda v: 0 < v <= 1)
-        if sum(v or 0 for v in share) > 1:
-            raise SettingsError("GPU_MEMORY_UTILIZATION values add up to more than 1: the models "
-                                "share the GPUs.")
+    shares = _per_model(env, "GPU_MEMORY_UTILIZATION", count)
+    if len(_split(raw(env, "GPU_MEMORY_UTILIZATION"))) > 1:
+        if sum(shares) > 1:
+            raise SettingsError("GPU_MEMORY_UTILIZATION values add up to more than 1: the "
+                                "models share the GPUs.")
     else:  # one budget for all, split evenly
-        total = _number(env, "GPU_MEMORY_UTILIZATION", float, "a fraction in (0, 1]",
-                        lambda v: 0 < v <= 1)
-        share = [round((total or 0) / count, 4)] * count
-    lengths = _per_model(env, "MAX_MODEL_LEN", count, int, "a whole number above 0",
-                         lambda v: v > 0)
-    runners = _split(env.get("RUNNER")) or [None]
-    converts = _split(env.get("CONVERT")) or [None]
-    for variable, values in (("RUNNER", runners), ("CONVERT", converts)):
-        if len(values) not in (1, count):
-            raise SettingsError(f"{variable} has {len(values)} values for {count} models: give "
-                                "one value, or one per model separated by ';'.")
+        shares = [round(shares[0] / count, 4)] * count
+    lengths = _per_model(env, "MAX_MODEL_LEN", count)
+    runners, converts = _per_model(env, "RUNNER", count), _per_model(env, "CONVERT", count)
+    given_length = raw(env, "MAX_MODEL_LEN") is not None
     return tuple(
-        ModelSettings(
-            name=names[i], path=path, label=labels[i], served_name=served[i], port=port + i,
-            gpu_memory_utilization=share[i] or 0.0,
-            max_model_len=lengths[i] or int(DEFAULTS["MAX_MODEL_LEN"]),
-            max_model_len_is_default=lengths[i] is None,
-            runner=_auto_is_none(runners[i % len(runners)]),
-            convert=_auto_is_none(converts[i % len(converts)]))
+        ModelSettings(name=names[i], path=path, label=labels[i], served_name=served[i],
+                      port=port + i, gpu_memory_utilization=shares[i],
+                      max_model_len=lengths[i], max_model_len_is_default=not given_length,
+                      runner=runners[i], convert=converts[i])
         for i in range(count))
 
 
-def _auto_is_none(value: str | None) -> str | None:
-    return None if value is None or value.lower() == "auto" else value
+def _variable_flags(env: Mapping[str, str], notes: list[str], warnings: list[str]
+                    ) -> dict[str, FlagArg]:
+    """Every flag set by its own variable or by a worker-vllm name (the latter wins)."""
+    found: dict[str, FlagArg] = {}
+    for variable in sorted(set(env) & set(BY_VARIABLE)):
+        flag = BY_VARIABLE[variable]
+        if variable not in BY_NAME and flag.flag not in NAMED_FLAGS and raw(env, variable):
+            argv = tuple(_argv(flag.flag, variable, env))
+            if not argv and raw(env, variable) == "0":
+                notes.append(f"{variable}=0 leaves {flag.flag} to vLLM (it refuses 0)")
+            found[flag.flag] = FlagArg(flag.flag, argv, variable)
+    for alias, flag in ALIASES.items():
+        if not raw(env, alias):
+            continue
+        own = FLAGS[flag].variable
+        notes.append(f"{alias} is worker-vllm's name for {own} ({flag}): used as such")
+        if flag in found and found[flag].source != alias:
+            warnings.append(f"{alias} and {own} both set {flag}: {alias} wins")
+        found[flag] = FlagArg(flag, tuple(_argv(flag, alias, env)), alias)
+    return {flag: arg for flag, arg in found.items() if arg.argv}
+
+
+def _argv(flag: str, variable: str, env: Mapping[str, str]) -> list[str]:
+    try:
+        return flag_argv(FLAGS[flag], variable, env[variable])
+    except FlagError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def _extra_args(env: Mapping[str, str], flags: dict[str, FlagArg], warnings: list[str]
+                ) -> tuple[tuple[str, ...], str | None]:
+    """VLLM_EXTRA_ARGS, checked: no --host, a warning for a flag the pinned vLLM lacks or
+    one that overrides a variable; and its --api-key, which the worker must then send."""
+    args: tuple[str, ...] = value(env, "VLLM_EXTRA_ARGS") or ()
+    api_key = None
+    for i, arg in enumerate(args):
+        name = arg.partition("=")[0]
+        if not name.startswith("--") or name == "--":
+            continue
+        # argparse keeps the last value (and takes abbreviations): `--host` here would win
+        # over 127.0.0.1 and open vLLM's admin routes, kept from job input, to the network.
+        if len(name) > 3 and "--host".startswith(name):
+            raise SettingsError(f"VLLM_EXTRA_ARGS must not set --host (got {arg!r}): vLLM "
+                                "listens on 127.0.0.1, where only this worker can reach it.")
+        flag = known_flag(arg)
+        if flag is None:  # the escape hatch stays open: the image may have a newer vLLM
+            near = closest(name, [f.flag for f in FLAGS.values()])
+            hint = f" (did you mean {near}?)" if near else ""
+            warnings.append(f"VLLM_EXTRA_ARGS has {name}, which vLLM {VLLM_VERSION} does not "
+                            f"have{hint}: vLLM refuses it at start unless it is newer")
+        elif flag.flag == "--api-key":
+            api_key = arg.partition("=")[2] or (args[i + 1] if i + 1 < len(args) else None)
+        elif flag.flag in flags:
+            warnings.append(f"VLLM_EXTRA_ARGS sets {flag.flag}, which {flags[flag.flag].source} "
+                            "also sets: VLLM_EXTRA_ARGS wins (it comes last)")
+    return args, api_key
+
+
+def _caches(env: Mapping[str, str], hf_home: str, notes: list[str]
+            ) -> tuple[tuple[str, ...], str | None]:
+    """The hub caches searched, in order, and vLLM's download cache when it is not
+    HF_HOME's: worker-vllm's BASE_PATH layout keeps both in BASE_PATH/huggingface-cache."""
+    given = [raw(env, "HF_HUB_CACHE"), raw(env, "HUGGINGFACE_HUB_CACHE")]
+    caches = [f"{hf_home.rstrip('/')}/hub", *[c for c in given if c], RUNPOD_MODEL_CACHE]
+    download = None
+    if base := raw(env, "BASE_PATH"):
+        legacy = f"{base.rstrip('/')}/huggingface-cache/hub"
+        caches.insert(0, legacy)
+        if not any(given):
+            download = legacy
+        notes.append(f"BASE_PATH={base}: models are searched in {legacy} first"
+                     + (", and downloaded there" if download else ""))
+    return tuple(dict.fromkeys(caches)), download
 
 
 def load(env: Mapping[str, str]) -> Settings:
     """Read and validate every setting; raise `SettingsError` on the first invalid one."""
-    port = _number(env, "VLLM_PORT", int, "a TCP port between 1 and 65535",
-                   lambda v: 0 < v < 65536)
-    growth = _number(env, "DEFAULT_BATCH_SIZE_GROWTH_FACTOR", float, "a number of at least 1",
-                     lambda v: 1 <= v < float("inf"))
-    tool_choice = _switch(env, "ENABLE_AUTO_TOOL_CHOICE")
-    base_url = _value(env, "VLLM_BASE_URL")
-    if base_url and not re.match(r"^https?://[^/\s]+", base_url):
-        raise SettingsError(f"VLLM_BASE_URL={base_url!r} is not valid: it must be an http(s) URL.")
+    notes = [f"{name} is {note}" for name, note in RETIRED.items() if raw(env, name)]
+    warnings = list(near_misses(env))
+    port = value(env, "VLLM_PORT")
+    base_url = value(env, "VLLM_BASE_URL")
     models = _models(env, port)
     if base_url and len(models) > 1:
         raise SettingsError("VLLM_BASE_URL names one vLLM server: it cannot be combined with "
                             "several MODEL_NAMES.")
-    caches = [env.get("HF_HUB_CACHE"), env.get("HUGGINGFACE_HUB_CACHE")]
-    hf_home = _value(env, "HF_HOME") or DEFAULTS["HF_HOME"]
-    hub_caches = [f"{hf_home.rstrip('/')}/hub", *[c for c in caches if c], RUNPOD_MODEL_CACHE]
+    flags = _variable_flags(env, notes, warnings)
+    config = flags.get("--config")
+    in_file = config_flags(config.argv[1], config.source) if config else {}
+    warnings += [f"{arg.source} sets {flag}, and so does {flags[flag].source}, which wins"
+                 for flag, arg in in_file.items() if flag in flags]
+    extra, api_key = _extra_args(env, {**in_file, **flags}, warnings)
+    hf_home = value(env, "HF_HOME")
+    hub_caches, download = _caches(env, hf_home, notes)
     return Settings(
-        models=models,
-        hf_home=hf_home,
-        hub_caches=tuple(dict.fromkeys(hub_caches)),
-        dtype=_value(env, "DTYPE"),
-        vllm_port=port,
-        use_vllm_serve=bool(_bool(env, "USE_VLLM_SERVE")),
-        vllm_python=_value(env, "VLLM_PYTHON"),
-        tensor_parallel_size=_positive_int(env, "TENSOR_PARALLEL_SIZE"),
-        enable_auto_tool_choice=tool_choice,
-        tool_call_parser=_parser(env, "TOOL_CALL_PARSER"),
-        reasoning_parser=_parser(env, "REASONING_PARSER"),
-        vllm_extra_args=_extra_args(env),
-        vllm_base_url=base_url,
-        max_concurrency=_positive_int(env, "MAX_CONCURRENCY"),
-        startup_timeout=_positive_float(env, "VLLM_STARTUP_TIMEOUT"),
-        request_timeout=_positive_float(env, "REQUEST_TIMEOUT"),
-        stream_flush_interval=_number(env, "STREAM_FLUSH_INTERVAL", float,
-                                      "a number of seconds from 0 to 0.1",
-                                      lambda v: 0 <= v <= 0.1),
-        default_max_tokens=_positive_int(env, "DEFAULT_MAX_TOKENS"),
-        min_batch_size=_positive_int(env, "DEFAULT_MIN_BATCH_SIZE"),
-        max_batch_size=_positive_int(env, "DEFAULT_BATCH_SIZE"),
-        batch_size_growth_factor=growth,
-        shutdown_grace_period=_number(env, "SHUTDOWN_GRACE_PERIOD", float,
-                                      "a number of seconds of at least 0",
-                                      lambda v: 0 <= v < float("inf")),
-        local_api_key=_value(env, "LOCAL_API_KEY"),
-        local_max_body_bytes=int(_number(env, "LOCAL_MAX_BODY_MB", float, "a number of MB above 0",
-                                         lambda v: 0 < v <= 1024) * (1 << 20)),
-        secrets=secret_values(env),
-    )
+        models=models, hf_home=hf_home, hub_caches=hub_caches, download_cache=download,
+        dtype=value(env, "DTYPE"), vllm_port=port, use_vllm_serve=value(env, "USE_VLLM_SERVE"),
+        vllm_python=value(env, "VLLM_PYTHON"),
+        tensor_parallel_size=value(env, "TENSOR_PARALLEL_SIZE"),
+        enable_auto_tool_choice=value(env, "ENABLE_AUTO_TOOL_CHOICE"),
+        tool_call_parser=value(env, "TOOL_CALL_PARSER"),
+        reasoning_parser=value(env, "REASONING_PARSER"),
+        flag_args=tuple(flags.values()), config_args=tuple(in_file.values()),
+        vllm_extra_args=extra, vllm_api_key=api_key, vllm_base_url=base_url,
+        max_concurrency=value(env, "MAX_CONCURRENCY"),
+        startup_timeout=value(env, "VLLM_STARTUP_TIMEOUT"),
+        request_timeout=value(env, "REQUEST_TIMEOUT"),
+        stream_flush_interval=value(env, "STREAM_FLUSH_INTERVAL"),
+        default_max_tokens=value(env, "DEFAULT_MAX_TOKENS"),
+        min_batch_size=value(env, "DEFAULT_MIN_BATCH_SIZE"),
+        max_batch_size=value(env, "DEFAULT_BATCH_SIZE"),
+        batch_size_growth_factor=value(env, "DEFAULT_BATCH_SIZE_GROWTH_FACTOR"),
+        shutdown_grace_period=value(env, "SHUTDOWN_GRACE_PERIOD"),
+        local_api_key=value(env, "LOCAL_API_KEY"),
+        local_max_body_bytes=int(value(env, "LOCAL_MAX_BODY_MB") * (1 << 20)),
+        secrets=secret_values(env), notes=tuple(notes), warnings=tuple(warnings))
+

@@ -34,7 +34,7 @@ from tenacity import (
     wait_fixed,
 )
 
-from launch_plan import Launch, child_env
+from launch_plan import Launch
 from masking import show
 from routes import Target
 
@@ -257,7 +257,7 @@ def connect(name: str, base_url: str, timeout: float) -> Upstream:
     return Upstream(discover_routes(Target(name, base_url)))
 
 
-def start_upstreams(launches: Sequence[Launch], env: Mapping[str, str], timeout: float,
+def start_upstreams(launches: Sequence[Launch], timeout: float,
                     secrets: Sequence[str] = ()) -> list[Upstream]:
     """Every planned vLLM started at once and healthy; StartupError otherwise, with every
     child stopped (also when interrupted, e.g. by SIGTERM while loading)."""
@@ -268,7 +268,7 @@ def start_upstreams(launches: Sequence[Launch], env: Mapping[str, str], timeout:
                 log.info("%s", reason)
             log.info("Starting vLLM for %s: %s", launch.model.served_name,
                      show(launch.argv, secrets))
-            child = VllmChild(launch.argv, child_env(env))
+            child = VllmChild(launch.argv, launch.env)
             upstreams.append(Upstream(Target(launch.model.served_name, launch.base_url), child))
             child.start()
         for upstream in upstreams:  # they load in parallel: waiting in turn costs nothing

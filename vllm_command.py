@@ -1,6 +1,8 @@
 """The vLLM command line, built from the settings.
 
-`build_command` is pure: settings and the located model in, an argv list out.
+`build_command` is pure: settings and the located model in, an argv list out, in
+the order of settings.py's precedence: what the worker owns (where vLLM listens,
+what it serves), the named settings, the flag variables, `VLLM_EXTRA_ARGS` last.
 Every value is its own argv item and nothing goes through a shell. Secrets
 never go on the command line: vLLM and huggingface_hub read `HF_TOKEN` from the
 environment the child inherits (`masking.show` prints a command line safely).
@@ -28,9 +30,11 @@ def build_command(settings: Settings, model: ModelSettings, weights: str, gpu_co
         "--port", str(model.port),
         "--served-model-name", model.served_name,
         "--gpu-memory-utilization", f"{model.gpu_memory_utilization:g}",
-        "--max-model-len", str(model.max_model_len),
-        "--dtype", settings.dtype,
     ]
+    if model.max_model_len is not None:
+        argv += ["--max-model-len", str(model.max_model_len)]
+    if settings.dtype is not None:
+        argv += ["--dtype", settings.dtype]
     tensor_parallel = settings.tensor_parallel_size or (gpu_count if gpu_count > 1 else None)
     if tensor_parallel:
         argv += ["--tensor-parallel-size", str(tensor_parallel)]
@@ -42,6 +46,8 @@ def build_command(settings: Settings, model: ModelSettings, weights: str, gpu_co
         argv += ["--enable-auto-tool-choice", "--tool-call-parser", parsers.tool_parser]
     if parsers is not None and parsers.reasoning_parser:
         argv += ["--reasoning-parser", parsers.reasoning_parser]
+    for flag in settings.flag_args:
+        argv += flag.argv
     return argv + list(settings.vllm_extra_args)
 
 

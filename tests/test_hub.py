@@ -18,6 +18,7 @@ from diagnostic import setting_names
 from relay import Pacing
 from routes import Target, resolve
 from settings import DEFAULTS, SettingsError, load
+from vllm_flags import ALIASES, BY_VARIABLE
 
 RUNPOD = Path(__file__).resolve().parent.parent / ".runpod"
 HUB: dict[str, Any] = json.loads((RUNPOD / "hub.json").read_text())
@@ -32,9 +33,11 @@ LEFT_OUT = {
     "LOCAL_MAX_BODY_MB": "the local endpoint's body limit, not used on Runpod",
     "HF_HUB_CACHE": "huggingface_hub's own cache override; HF_HOME is the one to set",
     "HUGGINGFACE_HUB_CACHE": "the older spelling of HF_HUB_CACHE",
+    "BASE_PATH": "worker-vllm's storage folder, read for those who come with it; HF_HOME "
+                 "is this worker's",
 }
-# Listed on the Hub form, read by vLLM or huggingface_hub rather than by settings.load.
-READ_ELSEWHERE = {"HF_TOKEN"}
+# Besides the worker's own settings, the Hub form may offer any vLLM flag by its variable.
+FLAG_VARIABLES = set(BY_VARIABLE) | set(ALIASES)
 # What users set next to the Hub form's fields: defaults must change none of these.
 SCENARIOS: list[dict[str, str]] = [
     {},
@@ -66,8 +69,9 @@ def test_hub_json_has_what_the_hub_requires() -> None:
 
 def test_every_setting_the_worker_reads_is_listed_or_left_out_for_a_reason() -> None:
     read = set(setting_names())
-    listed = set(INPUTS) - READ_ELSEWHERE
-    assert not listed - read, f"hub.json lists variables the worker does not read: {listed - read}"
+    listed = set(INPUTS)
+    unknown = listed - read - FLAG_VARIABLES
+    assert not unknown, f"hub.json lists variables the worker does not read: {unknown}"
     missing = read - listed - set(LEFT_OUT)
     assert not missing, f"settings missing from hub.json (or from LEFT_OUT here): {missing}"
     assert not set(LEFT_OUT) - read, "LEFT_OUT names variables the worker no longer reads"

@@ -49,7 +49,16 @@ def test_an_explicit_context_length_is_kept(tmp_path: Path) -> None:
 def test_the_child_environment_keeps_vllms_variables_and_drops_the_workers() -> None:
     env = {"VLLM_PORT": "8000", "VLLM_PYTHON": "/x", "LOCAL_API_KEY": "k",
            "VLLM_CPU_KVCACHE_SPACE": "1", "HF_TOKEN": "hf_x", "PATH": "/bin"}
-    assert child_env(env) == {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_TOKEN": "hf_x", "PATH": "/bin"}
+    assert child_env(env, load(env)) == {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_TOKEN": "hf_x",
+                                         "PATH": "/bin", "HF_HOME": "/runpod-volume/huggingface"}
+
+
+def test_worker_vllms_base_path_is_where_vllm_downloads_unless_a_hub_cache_is_set() -> None:
+    env = {"BASE_PATH": "/runpod-volume", "HF_HOME": "/data/hf"}
+    assert child_env(env, load(env))["HF_HUB_CACHE"] == "/runpod-volume/huggingface-cache/hub"
+    chosen = {**env, "HF_HUB_CACHE": "/data/cache"}
+    assert child_env(chosen, load(chosen))["HF_HUB_CACHE"] == "/data/cache"
+    assert load(env).hub_caches[0] == "/runpod-volume/huggingface-cache/hub", "searched first"
 
 
 def test_sentence_transformers_max_seq_length_caps_the_context(tmp_path: Path) -> None:

@@ -9,8 +9,10 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 # Bottom to top; a module may import from its own layer or any layer below, never above.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "masking"),
-    ("sse", "settings", "model_locator", "model_info"),
+    ("errors", "masking", "vllm_flags"),
+    ("sse", "settings_table", "model_locator", "model_info"),
+    ("env_names", "config_file"),
+    ("settings",),
     ("parsers", "relay", "vllm_command"),
     ("routes", "launch_plan"),
     ("supervisor", "proxy", "preflight"),

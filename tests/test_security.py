@@ -140,7 +140,7 @@ def test_every_setting_reaches_vllm_as_its_own_argv_item_never_through_a_shell(
                             f"--semi 'x; touch {marker}-c' --pipe 'y | touch {marker}-d' "
                             f"--quote \"it's\" --glob '*' --dollar '$HOME'"),
         "OPENAI_SERVED_MODEL_NAME_OVERRIDE": f"name $(touch {marker}-e) & touch {marker}-f",
-        "DTYPE": f"bfloat16 `touch {marker}-g`",
+        "TOKENIZER": f"org/tok `touch {marker}-g`",  # any vLLM flag, by its variable
     }
     folder = model_folder(tmp_path / f"weights $(touch {marker}-h)")
     argv_file = tmp_path / "argv.json"
@@ -152,7 +152,7 @@ def test_every_setting_reaches_vllm_as_its_own_argv_item_never_through_a_shell(
     assert argv[-len(expected_extra):] == expected_extra
     assert argv[argv.index("--served-model-name") + 1] == hostile[
         "OPENAI_SERVED_MODEL_NAME_OVERRIDE"]
-    assert argv[argv.index("--dtype") + 1] == hostile["DTYPE"]
+    assert argv[argv.index("--tokenizer") + 1] == hostile["TOKENIZER"]
     assert argv[:2] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("pwned")) == []
     assert group_members(worker.vllm_pid())

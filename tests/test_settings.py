@@ -9,6 +9,7 @@ import pytest
 
 from diagnostic import setting_names
 from settings import DEFAULTS, SettingsError, load
+from settings_table import markdown_table
 
 
 def test_defaults_match_the_documented_table() -> None:
@@ -38,7 +39,7 @@ def test_empty_values_count_as_unset() -> None:
     ({"GPU_MEMORY_UTILIZATION": "1.5"}, "GPU_MEMORY_UTILIZATION='1.5' is not valid"),
     ({"GPU_MEMORY_UTILIZATION": "0"}, "a fraction in (0, 1]"),
     ({"GPU_MEMORY_UTILIZATION": "lots"}, "GPU_MEMORY_UTILIZATION"),
-    ({"MAX_MODEL_LEN": "8k"}, "MAX_MODEL_LEN='8k' is not valid: it must be a whole number"),
+    ({"MAX_MODEL_LEN": "8x"}, "MAX_MODEL_LEN='8x' is not valid: it must be a whole number"),
     ({"VLLM_PORT": "70000"}, "VLLM_PORT"),
     ({"MAX_CONCURRENCY": "0"}, "MAX_CONCURRENCY"),
     ({"TENSOR_PARALLEL_SIZE": "-2"}, "TENSOR_PARALLEL_SIZE"),
@@ -154,3 +155,9 @@ def test_the_readme_settings_table_lists_every_setting_with_the_codes_default() 
     assert set(setting_names()) - set(documented) == set(), "settings missing from the README"
     for name, default in DEFAULTS.items():
         assert documented[name] == f"`{default}`", name
+
+
+def test_the_readme_settings_table_is_the_one_the_table_makes() -> None:
+    """Run `python tools/readme_settings.py` after changing settings_table.py."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert markdown_table() in readme
