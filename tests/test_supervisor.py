@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_vllm import free_port, write_launcher
+from fakes.vllm import free_port, write_launcher
 from settings import load, secret_values
 from startup import setup_logging
 from supervisor import StartupError, VllmChild, group_members, wait_healthy
