@@ -11,7 +11,7 @@ benchmarks/results). Scenarios, each described in its module:
 5. real_vllm.py      the tiny model on vLLM's CPU build, directly and through the endpoint
 6. memory.py         the worker's resident memory, idle and under the largest stream load
 
-1-4 and 6 run against upstream.py, a stand-in that speaks vLLM's wire format. Scenario 5
+1-4 and 6 run against fakes.vllm, a stand-in that speaks vLLM's wire format. Scenario 5
 starts the local endpoint with vLLM (a minute or more to load) unless `--real-endpoint`
 and `--real-vllm` name a running pair (its API key in LOCAL_API_KEY).
 

@@ -1,7 +1,7 @@
 """Scenario 6, the worker's memory, as deployments run it (`python handler.py`, no vLLM).
 
-The worker runs under the real Runpod SDK against the job API stand-in (job_api.py),
-with `VLLM_BASE_URL` pointing at the stand-in upstream, so nothing but the worker is
+The worker runs under the real Runpod SDK against the job API stand-in (fakes.platform),
+with `VLLM_BASE_URL` pointing at the stand-in vLLM (fakes.vllm), so nothing but the worker is
 measured. Resident memory (VmRSS) of the worker's process is read once it has asked
 for jobs and sat idle, then every 20 ms while it serves `streams` streaming jobs of
 `tokens` chunks at once (all jobs queued before it takes them), and once more after.
@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.job_api import JobApi
 from benchmarks.measure import Background, children_of, cpu_seconds, rss_mb
 from benchmarks.paths import CHAT_PATH, EventCounter, chat
 from benchmarks.processes import Process, base_env, external_env
+from fakes.platform import Platform
 
 
-async def wait_for_take(api: JobApi, worker: Process, timeout: float) -> None:
+async def wait_for_take(api: Platform, worker: Process, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while api.first_take is None:
         if worker.proc is not None and worker.proc.poll() is not None:
@@ -49,8 +49,7 @@ def helpers_rss(pid: int) -> float:
 
 async def scenario(work: Path, upstream_url: str, streams: int, tokens: int,
                    settle: float) -> dict[str, Any]:
-    api = JobApi()
-    await api.start()
+    api = Platform(ping_interval=10).start()
     env = base_env(**external_env(upstream_url, MAX_CONCURRENCY=str(max(streams, 30))),
                    **api.env())
     worker = Process([sys.executable, "handler.py"], work / "memory-worker.log", env)
@@ -61,11 +60,11 @@ async def scenario(work: Path, upstream_url: str, streams: int, tokens: int,
         idle, idle_helpers = rss_mb(worker.pid), helpers_rss(worker.pid)
         background = Background().start()
         cpu0, started = cpu_seconds(worker.pid), time.perf_counter()
-        ids = [api.submit({"openai_route": CHAT_PATH, "openai_input": chat(tokens, True)})
+        ids = [api.queue_job({"openai_route": CHAT_PATH, "openai_input": chat(tokens, True)})
                for _ in range(streams)]
         stop = asyncio.Event()
         peak_task = asyncio.ensure_future(sample_peak(worker.pid, stop))
-        await api.wait_done(ids, 300)
+        await asyncio.to_thread(api.wait_done, ids, 300)
         seconds = time.perf_counter() - started
         used = cpu_seconds(worker.pid) - cpu0
         stop.set()
@@ -75,17 +74,17 @@ async def scenario(work: Path, upstream_url: str, streams: int, tokens: int,
         after = rss_mb(worker.pid)
     finally:
         await asyncio.to_thread(worker.stop)
-        await api.stop()
+        await asyncio.to_thread(api.stop)
     events = 0
     for job_id in ids:
         counter = EventCounter()
-        for text in api.done[job_id].get("output", []):
+        for text in api.results[job_id].get("output", []):
             counter.feed(text)
         if counter.events != tokens + 3:
             raise RuntimeError(f"job {job_id} carried {counter.events} events, not {tokens + 3}: "
-                               f"{str(api.done[job_id])[:300]}")
+                               f"{str(api.results[job_id])[:300]}")
         events += counter.events
-    posts = [api.stream_posts.get(job_id, 0) for job_id in ids]
+    posts = [len(api.streams.get(job_id, [])) for job_id in ids]
     return {
         "streams": streams, "tokens_per_stream": tokens,
         "idle_rss_mb": idle, "peak_rss_mb": peak, "after_rss_mb": after,

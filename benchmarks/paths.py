@@ -2,7 +2,7 @@
 
 (a) `direct`: an httpx client talking to the upstream itself, its pool set up as the
     worker's own (proxy.py), so that the difference from (b) is the worker's code.
-(b) `InProcess`: `handler.handler(job)` in this process, driven as the Runpod SDK
+(b) `InProcess`: the job handler in this process, driven as the Runpod SDK
     drives it: the SDK's own `run_job_generator`, then its `handle_job` loop (an error
     item ends the job; every other item is kept for the aggregate and posted, one
     awaited post per item, serialised as the SDK does). The post itself is a sleep

@@ -1,4 +1,4 @@
-"""The processes a scenario runs beside itself: the stand-in upstream, the local endpoint.
+"""The processes a scenario runs beside itself: the stand-in vLLM (fakes.vllm), the local endpoint.
 
 Each is a context manager that starts the process in its own process group, waits until it
 answers, and on exit stops its whole process group (SIGTERM, a bounded wait, SIGKILL).
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,8 +19,9 @@ from types import TracebackType
 
 import httpx
 
+from fakes.vllm import free_port
+
 PROJECT = Path(__file__).resolve().parent.parent
-UPSTREAM_SCRIPT = PROJECT / "benchmarks" / "upstream.py"
 SERVED = "bench-model"
 
 
@@ -29,12 +29,6 @@ def base_env(**settings: str) -> dict[str, str]:
     """A clean environment (no worker or vLLM variables inherited) plus `settings`."""
     kept = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TERM")
     return {**{k: os.environ[k] for k in kept if k in os.environ}, **settings}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Process:
@@ -102,10 +96,12 @@ class Process:
 
 
 def upstream(work: Path, name: str = "upstream") -> tuple[Process, str]:
-    """The stand-in vLLM on a free port, answering; and its base URL."""
+    """The stand-in vLLM on a free port, answering; and its base URL. It runs from the project
+    root (Process's cwd), where `fakes` is; no access log, as it would only cost it CPU."""
     port = free_port()
-    process = Process([sys.executable, str(UPSTREAM_SCRIPT), "--port", str(port),
-                       "--served-model-name", SERVED], work / f"{name}.log", base_env())
+    process = Process([sys.executable, "-m", "fakes.vllm", "--port", str(port),
+                       "--served-model-name", SERVED, "--disable-uvicorn-access-log"],
+                      work / f"{name}.log", base_env())
     process.start()
     url = f"http://127.0.0.1:{port}"
     process.wait_http(f"{url}/health", 30)

@@ -27,7 +27,8 @@ import httpx
 
 from benchmarks.measure import Background, ms, percentile, waited_for_cpu
 from benchmarks.paths import HttpPath, direct, endpoint
-from benchmarks.processes import PROJECT, Process, external_env, free_port, local_endpoint
+from benchmarks.processes import PROJECT, Process, external_env, local_endpoint
+from fakes.vllm import free_port
 
 PROMPTS = ["Hello there", "Tell me a story about a cat", "What is the capital of France?",
            "Write a haiku about the sea", "Explain recursion briefly", "List three colours",

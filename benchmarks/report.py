@@ -126,7 +126,7 @@ def _startup(start: dict[str, Any]) -> str:
     imports = start["imports"]
     locator = start["locator"]
     return "\n\n".join([
-        f"Stand-in healthy {start['healthy_after_s']:g} s after its start; "
+        f"Stand-in healthy {start['healthy_after_s']:g} s after binding its port; "
         f"{start['launches']} launches; other load {start['background_cores']} cores.",
         table(rows, [("what", "seconds"), ("median", "median"), ("max", "max")]),
         f"Fresh interpreter: {imports['interpreter_s']:.3f} s; `import handler` adds "

@@ -1,10 +1,10 @@
 """Scenario 4, start-up: what the worker adds to the time before the first job, and the locator.
 
 Worker: `python handler.py` is launched as the platform launches it, against the job
-API stand-in (job_api.py), with the stand-in upstream as its vLLM child (through a
-VLLM_PYTHON launcher, so the real settings, locator, command builder and supervisor
-run) and a fabricated model folder. The stand-in listens only `healthy_after` seconds
-after its own start and reports when it started and when it listened. Then:
+API stand-in (fakes.platform), with the stand-in vLLM (fakes.vllm) as its vLLM child
+(through a VLLM_PYTHON launcher, so the real settings, locator, command builder and
+supervisor run) and a fabricated model folder. The stand-in listens only `healthy_after`
+seconds after binding its port and reports when it started and when it listened. Then:
 
 - worker total: from launching the worker to the SDK's first job-take request;
 - upstream's own: from the stand-in's process start to its listening;
@@ -32,9 +32,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.job_api import JobApi
 from benchmarks.measure import Background, ms, percentile
-from benchmarks.processes import PROJECT, UPSTREAM_SCRIPT, Process, base_env, free_port
+from benchmarks.processes import PROJECT, Process, base_env
+from fakes.platform import Platform
+from fakes.vllm import free_port, write_launcher
 
 
 def fabricate_model(folder: Path) -> Path:
@@ -45,22 +46,13 @@ def fabricate_model(folder: Path) -> Path:
     return folder
 
 
-def launcher(work: Path) -> Path:
-    """A VLLM_PYTHON that runs the stand-in with the argv the worker builds for vLLM."""
-    script = work / "vllm-python"
-    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{UPSTREAM_SCRIPT}" "$@"\n')
-    script.chmod(0o755)
-    return script
-
-
 async def launch_once(work: Path, healthy_after: float, index: int) -> dict[str, float]:
-    api = JobApi()
-    await api.start()
+    api = Platform(ping_interval=10).start()
     report = work / f"upstream-{index}.json"
     env = base_env(
-        MODEL_PATH=str(fabricate_model(work / "bench-model")), VLLM_PYTHON=str(launcher(work)),
+        MODEL_PATH=str(fabricate_model(work / "bench-model")), VLLM_PYTHON=write_launcher(work),
         VLLM_PORT=str(free_port()), HF_HOME=str(work / "hf-home"), VLLM_STARTUP_TIMEOUT="60",
-        BENCH_UPSTREAM_HEALTHY_AFTER=str(healthy_after), BENCH_UPSTREAM_REPORT=str(report),
+        FAKE_VLLM_HEALTHY_AFTER=str(healthy_after), FAKE_VLLM_REPORT=str(report),
         **api.env())
     worker = Process([sys.executable, "handler.py"], work / f"worker-{index}.log", env)
     try:
@@ -76,7 +68,7 @@ async def launch_once(work: Path, healthy_after: float, index: int) -> dict[str,
             await asyncio.sleep(0.005)
     finally:
         worker.stop()
-        await api.stop()
+        api.stop()
         upstream = json.loads(report.read_text()) if report.exists() else {}
         stop_leftover(upstream.get("pid"))
     total = api.first_take - worker.launched
@@ -90,7 +82,7 @@ def stop_leftover(pid: int | None) -> None:
     """The worker stops its vLLM itself; should it have failed to, end the stand-in here."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            ours = UPSTREAM_SCRIPT.name.encode() in cmdline.read()
+            ours = b"fakes.vllm" in cmdline.read()
     except OSError:
         return
     if ours:

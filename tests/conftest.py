@@ -1,13 +1,16 @@
-"""Shared fixtures: a fake vLLM (pytest-httpserver), the handler's proxy pointed at it, and
-the local endpoint in front of a real vLLM for the end-to-end tests."""
+"""Shared fixtures: a scriptable vLLM (pytest-httpserver) and the handler's proxy pointed at it,
+the stand-in vLLM (fakes.vllm) as a process of its own, the fake job API (fakes.platform)
+with workers under it, and the local endpoint in front of a real vLLM for the end-to-end
+tests."""
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,13 +19,14 @@ from pathlib import Path
 import httpx
 import pytest
 from pytest_httpserver import HTTPServer
-from werkzeug import Request, Response
 
+from fakes.platform import Platform
+from fakes.vllm import free_port
 from proxy import Proxy
 from relay import Pacing
 from supervisor import group_members
-from support import proxy_to
-from test_worker import FakePlatform, Worker, kill_worker, start_worker
+from support import SERVED, proxy_to
+from test_worker import Worker, kill_worker, start_worker
 
 
 @pytest.fixture(scope="session")
@@ -68,12 +72,6 @@ class RealEndpoint:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def real_vllm_python() -> str:
@@ -141,11 +139,13 @@ def real_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEndp
 
 
 @dataclass
-class FastUpstream:
-    """fast_upstream.py as a process of its own (another core than the worker code's)."""
+class StandIn:
+    """The stand-in vLLM (fakes.vllm) as a process of its own (another core than the worker
+    code's), serving SERVED, with `/stats` to count what it served."""
 
     url: str
     process: subprocess.Popen[str]
+    lines: collections.deque[str]  # its latest output, drained so that it never blocks
 
     def stats(self) -> dict[str, int]:
         return httpx.get(f"{self.url}/stats", timeout=10).json()
@@ -165,58 +165,47 @@ class FastUpstream:
 
 
 @pytest.fixture(scope="session")
-def fast_upstream_server() -> Iterator[FastUpstream]:
-    script = Path(__file__).resolve().parent / "fast_upstream.py"
-    process = subprocess.Popen([sys.executable, str(script), "--port", str(port := free_port())],
-                               stdout=subprocess.PIPE, text=True)
+def stand_in_server() -> Iterator[StandIn]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fakes.vllm", "--port", str(port), "--served-model-name", SERVED,
+         "--disable-uvicorn-access-log"], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    lines: collections.deque[str] = collections.deque(maxlen=200)
+    for line in process.stdout:  # until it listens (its "Uvicorn running" line)
+        lines.append(line)
+        if "Uvicorn running on" in line:
+            break
+    else:
+        pytest.fail(f"the stand-in vLLM exited ({process.wait()}):\n{''.join(lines)}")
+    threading.Thread(target=lines.extend, args=(process.stdout,), daemon=True).start()
     try:
-        assert process.stdout is not None and process.stdout.readline().strip() == "listening"
-        yield FastUpstream(f"http://127.0.0.1:{port}", process)
+        yield StandIn(f"http://127.0.0.1:{port}", process, lines)
     finally:
         process.kill()
         process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+        process.stdout.close()
 
 
 @pytest.fixture
-def fast_upstream(fast_upstream_server: FastUpstream) -> FastUpstream:
-    """The fast stand-in with its counters zeroed and nothing left open by an earlier test."""
-    fast_upstream_server.wait_for(lambda s: s["streams"] == 0, 10, "no open stream")
-    fast_upstream_server.reset()
-    return fast_upstream_server
-
-
-class JobPlatform(FakePlatform):
-    """test_worker's fake job API, also counting job-takes in flight: a worker told to stop
-    must stop asking for jobs, which shows only once no take is pending."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.taking = 0
-
-    def _take(self, request: Request) -> Response:
-        with self._changed:
-            self.taking += 1
-        try:
-            return super()._take(request)
-        finally:
-            with self._changed:
-                self.taking -= 1
-                self._changed.notify_all()
+def stand_in(stand_in_server: StandIn) -> StandIn:
+    """The stand-in with its counters zeroed and nothing left open by an earlier test."""
+    stand_in_server.wait_for(lambda s: s["streams"] == 0, 10, "no open stream")
+    stand_in_server.reset()
+    return stand_in_server
 
 
 @pytest.fixture
-def job_platform() -> Iterator[JobPlatform]:
-    made = JobPlatform()
-    made.start()
-    yield made
-    made.stop()
-    made.server.check()
+def job_platform() -> Iterator[Platform]:
+    """The fake job API, failing the test at teardown on any request it did not expect."""
+    with Platform() as made:
+        yield made
+    made.check()
 
 
 @pytest.fixture
-def start_workers(tmp_path: Path, job_platform: JobPlatform) -> Iterator[Callable[..., Worker]]:
+def start_workers(tmp_path: Path, job_platform: Platform) -> Iterator[Callable[..., Worker]]:
     """`python handler.py` under the fake job API, stand-in vLLM as its child; every process
     a worker left is SIGKILLed when the test ends."""
     workers: list[Worker] = []

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import uvicorn
 from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
+from fakes.vllm import free_port
 from handler import make_handler
 from local_endpoint import Endpoint
 from local_jobs import Jobs
@@ -97,9 +97,7 @@ class LocalEndpoint:
         self.max_concurrency, self.api_key, self.max_body = max_concurrency, api_key, max_body
         self.jobs: Jobs | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = int(probe.getsockname()[1])
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v2/ep1"
         self.server = uvicorn.Server(uvicorn.Config(self._app, host="127.0.0.1", port=self.port,
                                                     log_level="warning", interface="asgi3",

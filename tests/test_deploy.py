@@ -282,8 +282,9 @@ def test_the_build_context_holds_the_worker_and_keeps_out_tests_caches_and_venvs
     assert {"handler.py", "test_vllm_command.py", "settings.py"} <= needed
     assert needed <= context, f"missing from the build context: {needed - context}"
     assert all("/" not in path for path in needed), "COPY *.py copies the top level only"
-    for kept_out in ("tests", ".venv", ".venv-vllm", ".git", ".models", ".pytest_cache",
-                     ".ruff_cache", "__pycache__", "tests/test_deploy.py", ".runpod"):
+    for kept_out in ("tests", "fakes", "benchmarks", ".venv", ".venv-vllm", ".git", ".models",
+                     ".pytest_cache", ".ruff_cache", "__pycache__", "tests/test_deploy.py",
+                     ".runpod"):
         assert kept_out not in context
     assert not [p for p in context if "__pycache__" in p or p.endswith(".pyc")]
 

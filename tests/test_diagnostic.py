@@ -1,6 +1,6 @@
 """test_vllm_command.py, the start-up diagnostic, run as users run it: a subprocess.
 
-Model folders are fabricated; vLLM is the stand-in (fake_vllm.py) behind a small
+Model folders are fabricated; vLLM is the stand-in (fakes.vllm) behind a small
 wrapper passed as VLLM_PYTHON: `-m ...` runs the stand-in with the worker's real vLLM
 argv, anything else runs Python with a stand-in `vllm` package, so the import check
 has something to import. The pure checks are tested with injected numbers, and the
@@ -24,7 +24,7 @@ from pytest_httpserver import HTTPServer
 
 import diagnostic
 import preflight
-from fake_vllm import free_port
+from fakes.vllm import free_port, shell_command
 from launch_plan import plan_launch
 from masking import secret_flag_values, secret_values
 from settings import DEFAULTS, load
@@ -32,7 +32,6 @@ from supervisor import group_members
 
 PROJECT = Path(__file__).resolve().parent.parent
 SCRIPT = PROJECT / "test_vllm_command.py"
-FAKE_VLLM = Path(__file__).resolve().parent / "fake_vllm.py"
 STAND_IN_VERSION = "0.0.0+stand-in"
 HF_TOKEN = "hf_diagnostic_secret_token_1234"
 API_KEY = "sk-diagnostic-api-key-5678"
@@ -55,11 +54,11 @@ def stand_in_python(directory: Path) -> str:
     package = directory / "site" / "vllm"
     package.mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text(f"__version__ = {STAND_IN_VERSION!r}\n")
-    python, stand_in = shlex.quote(sys.executable), shlex.quote(str(FAKE_VLLM))
+    python = shlex.quote(sys.executable)
     wrapper = directory / "vllm-python"
     wrapper.write_text(
         "#!/bin/sh\n"
-        f'if [ "$1" = "-m" ]; then exec {python} {stand_in} "$@"; fi\n'
+        f'if [ "$1" = "-m" ]; then {shell_command()}; fi\n'
         f'PYTHONPATH={shlex.quote(str(package.parent))} exec {python} "$@"\n')
     wrapper.chmod(0o755)
     return str(wrapper)

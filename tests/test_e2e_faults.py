@@ -1,6 +1,6 @@
 """The faults that a real vLLM can be made to meet on cue, on the CPU build with the tiny model.
 
-`python handler.py` under the fake job API (test_worker.FakePlatform), with the real
+`python handler.py` under the fake job API (fakes.platform), with the real
 vLLM as its child: SIGKILLed mid-stream, SIGTERMed while streaming, never healthy in
 time, dying at start-up on a mistyped secret flag. What is left running is read from
 /proc: vLLM's engine core is a grandchild in the same process group, the process that
@@ -19,15 +19,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, real_vllm_python, vllm_processes
-from fake_vllm import free_port
+from fakes.platform import Platform
+from fakes.vllm import free_port
 from supervisor import group_members
-from test_worker import (
-    FakePlatform,
-    kill_worker,
-    sse_data,
-    start_worker,
-    wait_until,
-)
+from test_worker import kill_worker, sse_data, start_worker, wait_until
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -51,7 +46,7 @@ def vllm_leader(port: int) -> int:
 
 class RealWorker:
     def __init__(self, directory: Path) -> None:
-        self.platform = FakePlatform()
+        self.platform = Platform()
         self.platform.start()
         self.port = free_port()
         self.worker = start_worker(directory, self.platform, **real_vllm_env(self.port))
@@ -141,7 +136,7 @@ def test_real_vllm_sigterm_lets_the_stream_finish_then_stops_every_vllm_process(
 
 
 def test_real_vllm_not_healthy_in_time_ends_the_worker_with_its_last_lines(
-        tmp_path: Path, job_platform: FakePlatform) -> None:
+        tmp_path: Path, job_platform: Platform) -> None:
     port = free_port()
     platform = job_platform
     worker = start_worker(tmp_path, platform, **real_vllm_env(port, VLLM_STARTUP_TIMEOUT="30"))
@@ -161,7 +156,7 @@ def test_real_vllm_not_healthy_in_time_ends_the_worker_with_its_last_lines(
 
 
 def test_real_vllm_refusing_a_mistyped_secret_flag_is_reported_without_the_secret(
-        tmp_path: Path, job_platform: FakePlatform) -> None:
+        tmp_path: Path, job_platform: Platform) -> None:
     """vLLM's argparse quotes unknown arguments back: the reason is shown, the value masked."""
     secret = "sk-" + os.urandom(12).hex()
     port = free_port()

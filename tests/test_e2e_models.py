@@ -21,13 +21,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import (
-    LOCAL_KEY,
-    REPO,
-    RealEndpoint,
-    free_port,
-    vllm_processes,
-)
+from conftest import LOCAL_KEY, REPO, RealEndpoint, vllm_processes
+from fakes.vllm import free_port
 from supervisor import group_members
 from support import run_readme_example
 

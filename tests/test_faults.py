@@ -1,8 +1,8 @@
 """Faults a deployment meets, each injected on cue and its outcome asserted as users see it.
 
 - vLLM dying (SIGKILL mid-stream, at start-up, never healthy): `python handler.py`
-  under the fake job API with the stand-in vLLM (fake_vllm.py) as its child; what is
-  left running is read from /proc, group by group.
+  under the fake job API (fakes.platform) with the stand-in vLLM (fakes.vllm) as its
+  child; what is left running is read from /proc, group by group.
 - An upstream that hangs or answers garbage: the handler (and the local endpoint) in
   front of pytest-httpserver or a raw TCP server that writes exactly the bytes given.
 - SIGTERM while streaming, with a vLLM that ignores it.
@@ -31,7 +31,8 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
-from conftest import FastUpstream, JobPlatform
+from conftest import StandIn
+from fakes.platform import Platform
 from handler import make_handler
 from proxy import Proxy
 from relay import Pacing
@@ -57,7 +58,7 @@ def in_band_error(text: str) -> dict[str, Any]:
 # ------------------------------------------------------------- vLLM dying --
 
 def test_vllm_killed_with_jobs_in_flight_fails_each_clearly_and_the_worker_is_gone_in_5_s(
-        start_workers: Callable[..., Worker], job_platform: JobPlatform) -> None:
+        start_workers: Callable[..., Worker], job_platform: Platform) -> None:
     """A started stream gets an in-band 503, a request still waiting a 503, a new job a 503;
     then the worker exits non-zero within 5 s, and nothing of vLLM's group is left, even an
     engine core that ignores SIGTERM (it would keep the GPU memory)."""
@@ -105,7 +106,7 @@ def test_vllm_killed_with_jobs_in_flight_fails_each_clearly_and_the_worker_is_go
      "RuntimeError: simulated start-up failure (exit code 1)"),
 ], ids=["never-healthy", "dies-while-loading"])
 def test_a_vllm_that_never_becomes_healthy_or_dies_loading_ends_the_worker_with_its_last_lines(
-        start_workers: Callable[..., Worker], job_platform: JobPlatform,
+        start_workers: Callable[..., Worker], job_platform: Platform,
         switches: dict[str, str], reason: str, last_line: str) -> None:
     """The reason and vLLM's own last lines are in the log, within the start-up timeout, no
     job was ever taken, and no process of vLLM's group (engine core included) is left."""
@@ -129,7 +130,7 @@ def test_a_vllm_that_never_becomes_healthy_or_dies_loading_ends_the_worker_with_
 # ------------------------------------------------------------------ SIGTERM --
 
 def test_sigterm_finishes_the_streams_in_flight_takes_no_new_job_and_kills_a_stubborn_vllm(
-        start_workers: Callable[..., Worker], job_platform: JobPlatform) -> None:
+        start_workers: Callable[..., Worker], job_platform: Platform) -> None:
     """Scale-down: three answers being streamed end whole, no job is taken after the signal,
     and a vLLM whose server and engine core both ignore SIGTERM is SIGKILLed."""
     platform = job_platform
@@ -418,10 +419,10 @@ def endless(stream: int) -> dict[str, Any]:
 
 
 def test_100_cancelled_jobs_close_their_upstream_within_1_s_and_leak_nothing(
-        fast_upstream: FastUpstream) -> None:
+        stand_in: StandIn) -> None:
     """The SDK cancels a job's task (Runpod's cancel): each time, vLLM's connection must
     close at once; after 100, no connection, task or file descriptor may be left over."""
-    proxy = Proxy(Target(SERVED, fast_upstream.url), request_timeout=30, pacing=Pacing(0))
+    proxy = Proxy(Target(SERVED, stand_in.url), request_timeout=30, pacing=Pacing(0))
     handler = make_handler(proxy)
 
     async def cancel_one(stream: int) -> None:
@@ -436,7 +437,7 @@ def test_100_cancelled_jobs_close_their_upstream_within_1_s_and_leak_nothing(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await asyncio.to_thread(fast_upstream.wait_for, lambda s: s["streams"] == 0, 1,
+        await asyncio.to_thread(stand_in.wait_for, lambda s: s["streams"] == 0, 1,
                                 f"cancelled stream {stream} to close upstream")
 
     async def scenario() -> tuple[tuple[int, int], tuple[int, int], dict[str, int]]:
@@ -446,7 +447,7 @@ def test_100_cancelled_jobs_close_their_upstream_within_1_s_and_leak_nothing(
             for stream in range(ROUNDS):
                 await cancel_one(stream)
             after = open_fds(), len(asyncio.all_tasks())
-            stats = await asyncio.to_thread(fast_upstream.stats)
+            stats = await asyncio.to_thread(stand_in.stats)
             return before, after, stats
         finally:
             await proxy.aclose()
@@ -460,11 +461,11 @@ def test_100_cancelled_jobs_close_their_upstream_within_1_s_and_leak_nothing(
 
 
 def test_100_local_endpoint_clients_that_leave_or_cancel_leak_nothing(
-        fast_upstream: FastUpstream) -> None:
+        stand_in: StandIn) -> None:
     """50 OpenAI clients leave mid-stream and 50 /run jobs are cancelled: each upstream
     connection closes within 1 s, and afterwards the endpoint holds no job, task,
     connection or file descriptor more than before."""
-    proxy = Proxy(Target(SERVED, fast_upstream.url), request_timeout=30, pacing=Pacing(0))
+    proxy = Proxy(Target(SERVED, stand_in.url), request_timeout=30, pacing=Pacing(0))
 
     async def tasks_now() -> int:
         return len(asyncio.all_tasks())
@@ -472,7 +473,7 @@ def test_100_local_endpoint_clients_that_leave_or_cancel_leak_nothing(
     with LocalEndpoint(proxy) as endpoint, httpx.Client(timeout=10) as client:
 
         def closes_upstream(what: str) -> None:
-            fast_upstream.wait_for(lambda s: s["streams"] == 0, 1, what)
+            stand_in.wait_for(lambda s: s["streams"] == 0, 1, what)
 
         def leave(stream: int) -> None:
             with client.stream("POST", f"{endpoint.url}/openai/v1/chat/completions",
@@ -482,7 +483,7 @@ def test_100_local_endpoint_clients_that_leave_or_cancel_leak_nothing(
 
         def cancel(stream: int) -> None:
             job = client.post(f"{endpoint.url}/run", json={"input": endless(stream)}).json()
-            fast_upstream.wait_for(lambda s: s["streams"] == 1, 5, "the job's stream")
+            stand_in.wait_for(lambda s: s["streams"] == 1, 5, "the job's stream")
             cancelled = client.post(f"{endpoint.url}/cancel/{job['id']}").json()
             assert cancelled["status"] == "CANCELLED"
             closes_upstream(f"job {stream} cancelled")
@@ -498,7 +499,7 @@ def test_100_local_endpoint_clients_that_leave_or_cancel_leak_nothing(
                    "every job to end")
         after = open_fds(), endpoint.call(tasks_now)
         counts = endpoint.jobs.counts()
-        stats = fast_upstream.stats()
+        stats = stand_in.stats()
 
     assert counts["cancelled"] == ROUNDS + 2 and counts["completed"] == 0
     assert stats["streams_aborted"] == ROUNDS + 2 and stats["connections"] == 0

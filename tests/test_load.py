@@ -1,8 +1,9 @@
 """Nothing is lost under load: hundreds of concurrent streams, and very large bodies.
 
-The upstream is fast_upstream.py, a process of its own that writes every stream's bytes
-as a pure function of the request (so each can be rebuilt and compared byte for byte)
-in pieces that cut events and UTF-8 characters anywhere, and counts what it served.
+The upstream is the stand-in vLLM (fakes.vllm), a process of its own that writes every
+stream's bytes as a pure function of the request (so each can be rebuilt and compared byte
+for byte) in pieces that cut events and UTF-8 characters anywhere, and counts what it
+served.
 The handler is driven by the Runpod SDK's own `run_job_generator`, and the local endpoint
 is the real app in front of the same handler. Everything is on loopback; every wait has
 a deadline; only counts and bytes are asserted, never timings.
@@ -22,8 +23,9 @@ import pytest
 from runpod.serverless.modules.rp_job import run_job_generator
 from runpod.serverless.modules.rp_logger import RunPodLogger
 
-from conftest import FastUpstream, JobPlatform
-from fast_upstream import MULTIBYTE, json_body, stream_body
+from conftest import StandIn
+from fakes.bodies import MULTIBYTE, json_body, stream_body
+from fakes.platform import Platform
 from handler import make_handler
 from proxy import Proxy
 from relay import Pacing
@@ -58,9 +60,9 @@ def quiet_sdk() -> Iterator[None]:
 
 
 @pytest.fixture
-def proxy(fast_upstream: FastUpstream) -> Proxy:
+def proxy(stand_in: StandIn) -> Proxy:
     """The handler's proxy with the worker's default pacing, pointed at the fast stand-in."""
-    return Proxy(Target(SERVED, fast_upstream.url), request_timeout=120, pacing=Pacing())
+    return Proxy(Target(SERVED, stand_in.url), request_timeout=120, pacing=Pacing())
 
 
 async def sdk_job(proxy: Proxy, job_input: Any, job_id: str) -> list[dict[str, Any]]:
@@ -70,7 +72,7 @@ async def sdk_job(proxy: Proxy, job_input: Any, job_id: str) -> list[dict[str, A
 
 
 def test_256_concurrent_streams_through_the_handler_arrive_whole_and_in_order(
-        fast_upstream: FastUpstream, proxy: Proxy) -> None:
+        stand_in: StandIn, proxy: Proxy) -> None:
     """512,000 events at once: each stream's posts must rebuild its upstream bytes exactly."""
 
     async def scenario() -> list[list[dict[str, Any]]]:
@@ -94,7 +96,7 @@ def test_256_concurrent_streams_through_the_handler_arrive_whole_and_in_order(
         assert body == stream_body(stream, EVENTS), f"stream {stream} differs"
         assert events_in(body.decode())[-1] == "data: [DONE]"
         relayed += len(body)
-    stats = fast_upstream.wait_for(lambda s: s["connections"] == 0, 10, "the pool closed")
+    stats = stand_in.wait_for(lambda s: s["connections"] == 0, 10, "the pool closed")
     assert stats["requests"] == STREAMS and stats["streams_done"] == STREAMS
     assert stats["streams_aborted"] == 0
     assert stats["peak_streams"] == STREAMS, "every stream ran at once"
@@ -102,7 +104,7 @@ def test_256_concurrent_streams_through_the_handler_arrive_whole_and_in_order(
 
 
 def test_256_concurrent_streams_through_the_local_endpoint_respect_max_concurrency(
-        fast_upstream: FastUpstream, proxy: Proxy) -> None:
+        stand_in: StandIn, proxy: Proxy) -> None:
     """256 OpenAI clients at once behind MAX_CONCURRENCY=64: all served whole, 64 at a time."""
 
     async def one(client: httpx.AsyncClient, url: str, stream: int) -> tuple[int, str, bytes]:
@@ -126,7 +128,7 @@ def test_256_concurrent_streams_through_the_local_endpoint_respect_max_concurren
         assert body == stream_body(stream, EVENTS), f"stream {stream} differs"
     assert counts["failed"] == 0 and counts["cancelled"] == 0
     assert counts["completed"] == STREAMS
-    stats = fast_upstream.stats()
+    stats = stand_in.stats()
     assert stats["requests"] == STREAMS and stats["streams_done"] == STREAMS
     assert stats["peak_streams"] == ENDPOINT_CONCURRENCY, "never more, and the slots are used"
 
@@ -139,7 +141,7 @@ def big_request() -> tuple[dict[str, Any], str]:
 
 
 def test_a_10_mb_request_and_a_10_mb_answer_pass_intact_through_the_handler(
-        fast_upstream: FastUpstream, proxy: Proxy) -> None:
+        stand_in: StandIn, proxy: Proxy) -> None:
     body, digest = big_request()
 
     async def scenario() -> list[dict[str, Any]]:
@@ -156,7 +158,7 @@ def test_a_10_mb_request_and_a_10_mb_answer_pass_intact_through_the_handler(
 
 
 def test_a_10_mb_request_and_a_10_mb_answer_pass_intact_through_the_local_endpoint(
-        fast_upstream: FastUpstream, proxy: Proxy) -> None:
+        stand_in: StandIn, proxy: Proxy) -> None:
     body, digest = big_request()
     with LocalEndpoint(proxy) as endpoint:
         answer = httpx.post(f"{endpoint.url}/openai/v1/chat/completions", json=body, timeout=60)
@@ -173,7 +175,7 @@ MULTIBYTE_STREAM = {"load_events": 1100, "load_text": "multibyte", "load_event_c
 
 
 def test_a_stream_of_1_mb_of_multibyte_text_is_relayed_byte_exact(
-        fast_upstream: FastUpstream, proxy: Proxy) -> None:
+        stand_in: StandIn, proxy: Proxy) -> None:
     """Pieces of 4,093 bytes cut characters of 2 to 4 bytes: none may be split or replaced."""
     expected = stream_body(7, 1100, "multibyte", 400)
     request = stream_request(7, **MULTIBYTE_STREAM)
@@ -198,7 +200,7 @@ def test_a_stream_of_1_mb_of_multibyte_text_is_relayed_byte_exact(
 
 
 def test_the_worker_under_the_runpod_sdk_runs_at_most_max_concurrency_jobs_at_once(
-        start_workers: Callable[..., Worker], job_platform: JobPlatform, tmp_path: Path) -> None:
+        start_workers: Callable[..., Worker], job_platform: Platform, tmp_path: Path) -> None:
     """`python handler.py` with MAX_CONCURRENCY=3 and 12 streams queued: vLLM never serves
     more than 3 at once, uses all 3, and every stream arrives whole."""
     peak = tmp_path / "peak"

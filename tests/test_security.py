@@ -27,8 +27,8 @@ import pytest
 from pytest_httpserver import HTTPServer
 
 import local_endpoint
-from conftest import JobPlatform
-from fake_vllm import free_port
+from fakes.platform import Platform
+from fakes.vllm import free_port
 from settings import load
 from supervisor import group_members
 from support import SERVED, LocalEndpoint, proxy_to
@@ -67,7 +67,7 @@ def leaks(texts: list[str], secrets: list[str]) -> list[str]:
 # ------------------------------------------------------------------ the worker --
 
 def test_no_secret_reaches_the_log_or_the_platform_even_when_vllm_prints_them(
-        start_workers: Callable[..., Worker], job_platform: JobPlatform,
+        start_workers: Callable[..., Worker], job_platform: Platform,
         secrets: dict[str, str], flag_secrets: dict[str, str]) -> None:
     """vLLM here prints its environment's HF_TOKEN and its whole command line (as an
     `unrecognized arguments` error would), then dies and is quoted: nothing may show."""
@@ -109,7 +109,7 @@ def listening_addresses(port: int) -> list[str]:
 
 
 def test_the_vllm_child_listens_on_loopback_only(
-        start_workers: Callable[..., Worker], job_platform: JobPlatform) -> None:
+        start_workers: Callable[..., Worker], job_platform: Platform) -> None:
     port = free_port()
     worker = serving(start_workers(VLLM_PORT=str(port)), job_platform)
     assert group_members(worker.vllm_pid())
@@ -118,7 +118,7 @@ def test_the_vllm_child_listens_on_loopback_only(
 
 @pytest.mark.parametrize("extra", ["--seed 1 --host=0.0.0.0", "--hos 0.0.0.0"])
 def test_extra_args_that_would_expose_vllm_beyond_loopback_stop_the_worker_at_start(
-        start_workers: Callable[..., Worker], job_platform: JobPlatform, extra: str) -> None:
+        start_workers: Callable[..., Worker], job_platform: Platform, extra: str) -> None:
     """`--host` in VLLM_EXTRA_ARGS (or an abbreviation, which vLLM's argparse accepts)
     would win over the worker's, argparse keeping the last, and open vLLM's admin routes
     to the network: refused, before vLLM is started."""
@@ -131,7 +131,7 @@ def test_extra_args_that_would_expose_vllm_beyond_loopback_stop_the_worker_at_st
 
 
 def test_every_setting_reaches_vllm_as_its_own_argv_item_never_through_a_shell(
-        start_workers: Callable[..., Worker], job_platform: JobPlatform,
+        start_workers: Callable[..., Worker], job_platform: Platform,
         tmp_path: Path) -> None:
     """Values full of shell syntax arrive verbatim, and none of their commands ever ran."""
     marker = tmp_path / "pwned"

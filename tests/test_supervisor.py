@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_vllm import free_port, write_launcher
+from fakes.vllm import free_port, write_launcher
 from masking import secret_values, setup_logging
 from settings import load
 from supervisor import StartupError, VllmChild, group_members, wait_healthy

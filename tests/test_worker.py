@@ -1,7 +1,7 @@
 """The whole worker as deployments run it: `python handler.py` against a fake platform.
 
-The worker is a real subprocess with the Runpod SDK pointed at a fake job API
-(pytest-httpserver) and the stand-in vLLM (fake_vllm.py) as its child, so what
+The worker is a real subprocess with the Runpod SDK pointed at the fake job API
+(fakes.platform) and the stand-in vLLM (fakes.vllm) as its child, so what
 is asserted is what the platform receives after the SDK transformed the
 handler's output, and what is left running after the worker ends (read from
 /proc). Every process group a test starts is SIGKILLed when the test ends.
@@ -10,15 +10,11 @@ handler's output, and what is left running after the worker ends (read from
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
-import queue
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,17 +22,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
-from pytest_httpserver import HTTPServer
-from werkzeug import Request, Response
 
-from fake_vllm import free_port, write_launcher
+from fakes.platform import Platform
+from fakes.vllm import free_port, write_launcher
 from supervisor import group_members
 
 PROJECT = Path(__file__).resolve().parent.parent
 WORKER_ID = "test-worker"
 SERVED = "tiny-model"  # the name of the MODEL_PATH folder, served when MODEL_NAME is unset
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
-_job_ids = itertools.count(1)
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str,
@@ -56,144 +50,6 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str,
 def sse_data(text: str) -> list[str]:
     """The `data:` payloads of an SSE text, in order."""
     return [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
-
-
-# --------------------------------------------------------------- the platform --
-
-class FakePlatform:
-    """Runpod's job API for one worker: hands out queued jobs, keeps what the SDK sends.
-
-    Job-take is a short long-poll (queued jobs are handed out at once, else 204
-    after 0.5 s), like the real one, so the SDK neither spins nor waits; with a
-    concurrency above 1 the SDK uses the batch form, which answers a list.
-    Results arrive as JSON text in a form-encoded POST body; both are parsed here.
-    """
-
-    def __init__(self) -> None:
-        self.server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-        self._jobs: queue.Queue[dict[str, Any]] = queue.Queue()
-        self._changed = threading.Condition()
-        self._stream_gate = threading.Event()
-        self._stream_gate.set()
-        self.takes = 0
-        self.held_stream_posts = 0
-        self.pings: list[dict[str, str]] = []
-        self.streams: dict[str, list[Any]] = {}
-        self.results: dict[str, dict[str, Any]] = {}
-        self.result_queries: dict[str, dict[str, str]] = {}
-        self.stream_queries: dict[str, list[dict[str, str]]] = {}
-        self.received: list[str] = []  # every URL, header and body, to search for leaks
-
-    def start(self) -> None:
-        prefix = "/v2/test-endpoint"
-        routes: list[tuple[str | re.Pattern[str], str, Callable[[Request], Response]]] = [
-            (re.compile(rf"^{prefix}/job-take(-batch)?/{WORKER_ID}$"), "GET", self._take),
-            (f"{prefix}/job-stop/{WORKER_ID}", "GET", lambda request: Response(status=204)),
-            (f"{prefix}/ping/{WORKER_ID}", "GET", self._ping),
-        ]
-        for path, method, respond in routes:
-            self.server.expect_request(path, method=method).respond_with_handler(
-                self._recording(respond))
-        for kind, respond in (("job-stream", self._stream), ("job-done", self._done)):
-            pattern = re.compile(rf"^{prefix}/{kind}/{WORKER_ID}/[\w-]+$")
-            self.server.expect_request(pattern, method="POST").respond_with_handler(
-                self._recording(respond))
-        self.server.start()
-
-    def stop(self) -> None:
-        self._stream_gate.set()
-        self.server.stop()
-
-    def env(self) -> dict[str, str]:
-        """The variables the platform gives a worker (URL templates as the SDK expects them)."""
-        base = f"http://127.0.0.1:{self.server.port}/v2/test-endpoint"
-        return {
-            "RUNPOD_WEBHOOK_GET_JOB": f"{base}/job-take/$ID?gpu=cpu",
-            "RUNPOD_WEBHOOK_POST_OUTPUT": f"{base}/job-done/$RUNPOD_POD_ID/$ID?gpu=cpu",
-            "RUNPOD_WEBHOOK_POST_STREAM": f"{base}/job-stream/$RUNPOD_POD_ID/$ID?gpu=cpu",
-            "RUNPOD_WEBHOOK_PING": f"{base}/ping/$RUNPOD_POD_ID?gpu=cpu",
-            "RUNPOD_PING_INTERVAL": "1000",
-            "RUNPOD_POD_ID": WORKER_ID,
-            "RUNPOD_AI_API_KEY": "test-platform-key",
-        }
-
-    # --- what tests do -------------------------------------------------------
-    def queue_job(self, job_input: Any) -> str:
-        job_id = f"job-{next(_job_ids)}"
-        self._jobs.put({"id": job_id, "input": job_input})
-        return job_id
-
-    def result(self, job_id: str, timeout: float = 10) -> dict[str, Any]:
-        """The job's final result as the platform received it."""
-        self.wait(lambda: job_id in self.results, timeout, f"the result of {job_id}")
-        return self.results[job_id]
-
-    def wait(self, condition: Callable[[], object], timeout: float, what: str) -> None:
-        with self._changed:
-            if not self._changed.wait_for(condition, timeout):
-                pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-    def hold_stream_posts(self) -> None:
-        """Answer stream posts only after `release_stream_posts` (a slow platform)."""
-        self._stream_gate.clear()
-
-    def release_stream_posts(self) -> None:
-        self._stream_gate.set()
-
-    # --- handlers ------------------------------------------------------------
-    def _recording(self, respond: Callable[[Request], Response]) -> Callable[[Request], Response]:
-        def handle(request: Request) -> Response:
-            with self._changed:
-                self.received.append(f"{request.url}\n{request.headers}\n"
-                                     f"{request.get_data(as_text=True)}")
-            return respond(request)
-        return handle
-
-    def _take(self, request: Request) -> Response:
-        with self._changed:
-            self.takes += 1
-            self._changed.notify_all()
-        try:
-            jobs = [self._jobs.get(timeout=0.5)]
-        except queue.Empty:
-            return Response(status=204)
-        if "/job-take-batch/" not in request.path:
-            return Response(json.dumps(jobs[0]), content_type="application/json")
-        with contextlib.suppress(queue.Empty):
-            while len(jobs) < int(request.args["batch_size"]):
-                jobs.append(self._jobs.get_nowait())
-        return Response(json.dumps(jobs), content_type="application/json")
-
-    def _ping(self, request: Request) -> Response:
-        with self._changed:
-            self.pings.append(dict(request.args))
-            self._changed.notify_all()
-        return Response("{}", content_type="application/json")
-
-    def _stream(self, request: Request) -> Response:
-        posted = json.loads(request.get_data(as_text=True))
-        if not self._stream_gate.is_set():
-            with self._changed:
-                self.held_stream_posts += 1
-                self._changed.notify_all()
-            self._stream_gate.wait(timeout=15)
-        with self._changed:
-            self.streams.setdefault(_job_id(request), []).append(posted)
-            self.stream_queries.setdefault(_job_id(request), []).append(dict(request.args))
-            self._changed.notify_all()
-        return Response("{}", content_type="application/json")
-
-    def _done(self, request: Request) -> Response:
-        job_id = _job_id(request)
-        with self._changed:
-            self.results[job_id] = json.loads(request.get_data(as_text=True))
-            self.result_queries[job_id] = dict(request.args)
-            self._changed.notify_all()
-        return Response("{}", content_type="application/json")
-
-
-def _job_id(request: Request) -> str:
-    return request.path.rsplit("/", 1)[-1]
 
 
 # ----------------------------------------------------------------- the worker --
@@ -238,7 +94,7 @@ def model_folder(directory: Path) -> Path:
     return folder
 
 
-def start_worker(directory: Path, platform: FakePlatform, **overrides: str) -> Worker:
+def start_worker(directory: Path, platform: Platform, **overrides: str) -> Worker:
     """`python handler.py` in its own process group, with its output in worker.log."""
     directory.mkdir(parents=True, exist_ok=True)
     env = {
@@ -281,14 +137,14 @@ def kill_worker(worker: Worker) -> None:
     worker.log_file.close()
 
 
-def serving(worker: Worker, platform: FakePlatform) -> Worker:
+def serving(worker: Worker, platform: Platform) -> Worker:
     """Wait until the SDK asks for jobs, which it does only once vLLM is healthy."""
     wait_until(lambda: platform.takes > 0, 30, "the first job-take", worker)
     return worker
 
 
 @pytest.fixture
-def platform(job_platform: FakePlatform) -> FakePlatform:
+def platform(job_platform: Platform) -> Platform:
     """The fake job API (conftest's `job_platform`), checked for stray requests at the end."""
     return job_platform
 
@@ -300,23 +156,21 @@ def launch(start_workers: Callable[..., Worker]) -> Callable[..., Worker]:
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Worker, FakePlatform]]:
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Worker, Platform]]:
     """One serving worker for the tests that only run jobs (saves a start-up per test)."""
-    platform = FakePlatform()
-    platform.start()
-    worker = start_worker(tmp_path_factory.mktemp("shared-worker"), platform,
-                          FAKE_VLLM_TOKEN_DELAY="0.02")
-    try:
-        yield serving(worker, platform), platform
-    finally:
-        kill_worker(worker)
-        platform.stop()
-    platform.server.check()
+    with Platform() as platform:
+        worker = start_worker(tmp_path_factory.mktemp("shared-worker"), platform,
+                              FAKE_VLLM_TOKEN_DELAY="0.02")
+        try:
+            yield serving(worker, platform), platform
+        finally:
+            kill_worker(worker)
+    platform.check()
 
 
 # ------------------------------------------------------------ jobs, as posted --
 
-def test_chat_job_result_is_the_vllm_body_in_a_list(shared: tuple[Worker, FakePlatform]) -> None:
+def test_chat_job_result_is_the_vllm_body_in_a_list(shared: tuple[Worker, Platform]) -> None:
     """A non-stream job must reach the client as vLLM's own body, which the SDK wraps in a list."""
     worker, platform = shared
     job_id = platform.queue_job({"openai_route": "/v1/chat/completions",
@@ -333,7 +187,7 @@ def test_chat_job_result_is_the_vllm_body_in_a_list(shared: tuple[Worker, FakePl
 
 
 def test_stream_posts_concatenate_to_the_exact_sse_body(
-        shared: tuple[Worker, FakePlatform]) -> None:
+        shared: tuple[Worker, Platform]) -> None:
     """Clients parse the stream posts as one SSE body: no event may be cut, lost or altered."""
     worker, platform = shared
     body = {**CHAT, "max_tokens": 20, "stream": True, "stream_options": {"include_usage": True}}
@@ -362,7 +216,7 @@ def test_stream_posts_concatenate_to_the_exact_sse_body(
 
 
 def test_route_vllm_must_not_expose_fails_the_job_with_an_openai_400(
-        shared: tuple[Worker, FakePlatform]) -> None:
+        shared: tuple[Worker, Platform]) -> None:
     """Admin routes are refused before vLLM, as a FAILED job whose error clients can parse."""
     worker, platform = shared
     before = len(worker.vllm_requests())
@@ -380,7 +234,7 @@ def test_route_vllm_must_not_expose_fails_the_job_with_an_openai_400(
     assert job_id not in platform.streams
 
 
-def test_bare_models_route_returns_the_model_list(shared: tuple[Worker, FakePlatform]) -> None:
+def test_bare_models_route_returns_the_model_list(shared: tuple[Worker, Platform]) -> None:
     """The hosted OpenAI `GET /models` arrives as a bare route and must list the served model."""
     _worker, platform = shared
     job_id = platform.queue_job({"openai_route": "/v1/models"})
@@ -394,7 +248,7 @@ def test_bare_models_route_returns_the_model_list(shared: tuple[Worker, FakePlat
         (SERVED, "model", "vllm")]
 
 
-def test_worker_pings_the_platform_while_serving(shared: tuple[Worker, FakePlatform]) -> None:
+def test_worker_pings_the_platform_while_serving(shared: tuple[Worker, Platform]) -> None:
     """Without pings the platform takes the worker for dead."""
     _worker, platform = shared
     platform.wait(lambda: platform.pings, 5, "a ping")
@@ -404,7 +258,7 @@ def test_worker_pings_the_platform_while_serving(shared: tuple[Worker, FakePlatf
 # ------------------------------------------------------- dying and stopping --
 
 def test_vllm_killed_mid_stream_fails_jobs_and_exits_non_zero_leaving_nothing(
-        launch: Callable[..., Worker], platform: FakePlatform) -> None:
+        launch: Callable[..., Worker], platform: Platform) -> None:
     """A worker whose vLLM died must fail fast and go, so the platform replaces it."""
     worker = serving(launch(FAKE_VLLM_TOKEN_DELAY="0.02", FAKE_VLLM_GRANDCHILD="obey"),
                      platform)
@@ -441,7 +295,7 @@ def test_vllm_killed_mid_stream_fails_jobs_and_exits_non_zero_leaving_nothing(
 
 
 def test_sigterm_lets_the_stream_in_flight_finish_then_exits_zero(
-        launch: Callable[..., Worker], platform: FakePlatform) -> None:
+        launch: Callable[..., Worker], platform: Platform) -> None:
     """A scale-down must not cut the answers being streamed; then nothing may be left running."""
     worker = serving(launch(FAKE_VLLM_TOKEN_DELAY="0.05", FAKE_VLLM_GRANDCHILD="obey",
                             SHUTDOWN_GRACE_PERIOD="10"), platform)
@@ -466,7 +320,7 @@ def test_sigterm_lets_the_stream_in_flight_finish_then_exits_zero(
 
 
 def test_sigterm_stops_within_the_grace_period_when_a_stream_outlasts_it(
-        launch: Callable[..., Worker], platform: FakePlatform) -> None:
+        launch: Callable[..., Worker], platform: Platform) -> None:
     """The platform SIGKILLs a worker that lingers: the grace period must bound the drain."""
     worker = serving(launch(FAKE_VLLM_TOKEN_DELAY="0.05", SHUTDOWN_GRACE_PERIOD="1"), platform)
     vllm = worker.vllm_pid()
@@ -486,7 +340,7 @@ def test_sigterm_stops_within_the_grace_period_when_a_stream_outlasts_it(
 
 
 def test_sigterm_with_stubborn_vllm_still_leaves_no_process(
-        launch: Callable[..., Worker], platform: FakePlatform) -> None:
+        launch: Callable[..., Worker], platform: Platform) -> None:
     """A vLLM that ignores SIGTERM (engine core too) would keep the GPU: it is SIGKILLed."""
     worker = serving(launch(FAKE_VLLM_IGNORE_SIGTERM="1", FAKE_VLLM_GRANDCHILD="ignore-sigterm",
                             SHUTDOWN_GRACE_PERIOD="1"), platform)
@@ -513,7 +367,7 @@ def test_sigterm_with_stubborn_vllm_still_leaves_no_process(
      "Start-up failed: vLLM exited with code 3 during start-up."),
 ], ids=["model-path-missing", "invalid-setting", "vllm-exits"])
 def test_start_up_failure_exits_non_zero_naming_the_cause_before_taking_jobs(
-        launch: Callable[..., Worker], platform: FakePlatform,
+        launch: Callable[..., Worker], platform: Platform,
         overrides: dict[str, str], cause: str) -> None:
     """A worker that cannot serve must say why and never take a job it would fail."""
     worker = launch(**overrides)
@@ -532,7 +386,7 @@ def test_start_up_failure_exits_non_zero_naming_the_cause_before_taking_jobs(
 
 
 def test_sigterm_while_vllm_loads_stops_it_too(
-        launch: Callable[..., Worker], platform: FakePlatform) -> None:
+        launch: Callable[..., Worker], platform: Platform) -> None:
     """Scale-downs often come while vLLM loads for minutes: it must not be left running."""
     worker = launch(FAKE_VLLM_HEALTHY_AFTER="60", FAKE_VLLM_GRANDCHILD="obey")
     vllm = worker.vllm_pid()
@@ -550,7 +404,7 @@ def test_sigterm_while_vllm_loads_stops_it_too(
 # ------------------------------------------------------------------- secrets --
 
 def test_hf_token_appears_in_no_log_and_no_post(
-        launch: Callable[..., Worker], platform: FakePlatform) -> None:
+        launch: Callable[..., Worker], platform: Platform) -> None:
     """The token reaches vLLM through the environment only: never a log line or the platform."""
     token = "hf_" + os.urandom(16).hex()
     worker = serving(launch(HF_TOKEN=token, FAKE_VLLM_PRINT_ENV="HF_TOKEN"), platform)
