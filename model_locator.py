@@ -8,7 +8,9 @@ for `test_vllm_command.py`):
    `model-<family>` (the name without its size suffix, so `openai/gpt-oss-120b`
    also finds the original gpt-oss worker's `model-gpt-oss`), compared ignoring case.
 3. The Hugging Face cache (`models--{org}--{name}/snapshots/{hash}`) in each hub
-   folder: the snapshot `refs/main` names, else the newest complete one.
+   folder: the snapshot `refs/main` names, else the newest complete one; with a
+   revision (`MODEL_REVISION`/`REVISION`), only the snapshot of that branch, tag or
+   commit (a commit may be given by its first 7 or more characters).
 4. The hub name itself: vLLM downloads it into `HF_HOME`.
 
 A folder is served only when complete: `config.json` plus weights, and every
@@ -93,8 +95,16 @@ def _custom_folder_names(model_name: str) -> list[str]:
     return names
 
 
-def _snapshots(repo_dir: Path, repo_id: str, hub: Path) -> list[Path]:
-    """Candidate snapshots: the one refs/main names first, then the rest, newest first."""
+def _snapshots(repo_dir: Path, repo_id: str, hub: Path, revision: str | None) -> list[Path]:
+    """Candidate snapshots: the one refs/main names first, then the rest, newest first;
+    with a revision, only its snapshot."""
+    if revision is not None:
+        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub, revision=revision)
+        if isinstance(found, str):
+            return [Path(found).parent]
+        commits = repo_dir / "snapshots"
+        by_prefix = sorted(commits.glob(f"{revision}*")) if len(revision) >= 7 else []
+        return by_prefix[:1] if len(by_prefix) == 1 else []
     found = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub)
     first = [Path(found).parent] if isinstance(found, str) else []
     try:
@@ -105,7 +115,8 @@ def _snapshots(repo_dir: Path, repo_id: str, hub: Path) -> list[Path]:
     return first + others
 
 
-def _from_cache(model_name: str, hub: Path, steps: list[str]) -> Path | None:
+def _from_cache(model_name: str, hub: Path, steps: list[str], revision: str | None
+                ) -> Path | None:
     wanted = repo_folder_name(repo_id=model_name, repo_type="model")
     matches = _find_ignoring_case(hub, [wanted])
     if not matches:
@@ -113,9 +124,10 @@ def _from_cache(model_name: str, hub: Path, steps: list[str]) -> Path | None:
         return None
     repo_dir = matches[0]
     repo_id = repo_dir.name.removeprefix("models--").replace("--", "/")
-    snapshots = _snapshots(repo_dir, repo_id, hub)
+    snapshots = _snapshots(repo_dir, repo_id, hub, revision)
     if not snapshots:
-        steps.append(f"not in the cache {repo_dir}: it has no snapshots")
+        what = f"no snapshot of revision {revision}" if revision else "it has no snapshots"
+        steps.append(f"not in the cache {repo_dir}: {what}")
     for snapshot in snapshots:
         reason = check_folder(snapshot)
         if reason is None:
@@ -128,7 +140,7 @@ def _from_cache(model_name: str, hub: Path, steps: list[str]) -> Path | None:
 
 
 def locate(model_name: str, model_path: str | None, hf_home: str,
-           hub_caches: tuple[str, ...]) -> Location:
+           hub_caches: tuple[str, ...], revision: str | None = None) -> Location:
     """Apply the search order in the module docstring; raise `LocatorError` for what cannot work."""
     steps: list[str] = []
     if model_path or model_name.startswith("/"):
@@ -158,10 +170,11 @@ def locate(model_name: str, model_path: str | None, hf_home: str,
             raise LocatorError(f"{folder}: {GGUF_MESSAGE}.")
         steps.append(f"skipped {folder}: {reason}")
     for hub in hub_caches:
-        found = _from_cache(model_name, Path(hub), steps)
+        found = _from_cache(model_name, Path(hub), steps, revision)
         if found is not None:
             return Location(str(found), True, tuple(steps))
-    steps.append(f"not found on disk: vLLM will download {model_name} into {hf_home}")
+    at = f" at revision {revision}" if revision else ""
+    steps.append(f"not found on disk: vLLM will download {model_name}{at} into {hf_home}")
     return Location(model_name, False, tuple(steps))
 
 

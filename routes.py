@@ -3,7 +3,9 @@
 Accepted shapes of `job["input"]`:
 
 1. Runpod's OpenAI path: `{"openai_route": "/v1/chat/completions", "openai_input": {...}}`;
-   a bare `{"openai_route": "/v1/models"}` (or any GET route) has no body.
+   a bare `{"openai_route": "/v1/models"}` (or any GET route) has no body. worker-vllm's
+   clients' `{"route": "/v1/completions", "body": {...}, "method": "POST"}` means the
+   same (a body means POST, none GET, when `method` is not given).
 2. Plain requests: `messages` goes to chat completions, `prompt` to completions
    (with `max_tokens` = DEFAULT_MAX_TOKENS when unset, not vLLM's 16), `input`
    to embeddings for an embedding model and to responses otherwise, `query` with
@@ -73,7 +75,8 @@ PACING_FIELDS = {"min_batch_size": "min_batch_size", "max_batch_size": "max_batc
                  "batch_size_growth_factor": "growth_factor"}
 CONTROL_FIELDS = ("openai_route", "openai_input", "sampling_params", *PACING_FIELDS)
 SHAPES = ('accepted job inputs: {"openai_route": "/v1/chat/completions", "openai_input": {...}}, '
-          '{"openai_route": "/v1/models"}, {"messages": [...]}, {"prompt": "..."}, '
+          '{"openai_route": "/v1/models"}, {"route": "/v1/completions", "body": {...}}, '
+          '{"messages": [...]}, {"prompt": "..."}, '
           '{"input": ...} (embeddings or responses), {"query": "...", "docs": [...]} (rerank), '
           'with OpenAI fields at the top level or in "sampling_params"')
 
@@ -222,11 +225,32 @@ def pacing_for(job_input: dict[str, Any], default: Pacing) -> Pacing:
     return replace(default, **values) if values else default
 
 
+def _from_worker_vllm(job_input: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """worker-vllm's `{"route", "body", "method"}` as the `openai_route` shape, and the
+    method it asks for (a body means POST, none GET, when it names none)."""
+    stray = sorted(set(job_input) - {"route", "body", "method", *PACING_FIELDS})
+    if stray:
+        raise ProxyError(400, f"Fields {stray} sit beside route; put them inside body.",
+                         stray[0])
+    method = job_input.get("method")
+    if method is not None and method not in ("GET", "POST"):
+        raise ProxyError(400, f"method must be GET or POST; got {json.dumps(method)[:50]}.",
+                         "method")
+    shaped = {"openai_route": job_input["route"],
+              **{k: v for k, v in job_input.items() if k in PACING_FIELDS}}
+    if job_input.get("body") is not None:
+        shaped["openai_input"] = job_input["body"]
+    return shaped, method or ("POST" if "openai_input" in shaped else "GET")
+
+
 def resolve(job_input: object, targets: Sequence[Target], prompt_max_tokens: int,
             pacing: Pacing) -> JobRequest:
     """What a job input asks for (see the module docstring), or ProxyError."""
     if not isinstance(job_input, dict):
         raise ProxyError(400, f"The job input must be a JSON object; {SHAPES}.")
+    asked_method = None
+    if "route" in job_input and "openai_route" not in job_input:
+        job_input, asked_method = _from_worker_vllm(job_input)
     route = job_input.get("openai_route")
     answer = Answer.AS_IS
     if "openai_input" in job_input:
@@ -247,6 +271,8 @@ def resolve(job_input: object, targets: Sequence[Target], prompt_max_tokens: int
     target = pick(targets, body.get("model"))
     if route is not None:
         path, method, kind = resolve_route(route)
+        if asked_method is not None and asked_method != method:
+            raise ProxyError(400, f"{path} takes {method}, not {asked_method}.", "method")
     else:
         path, method, kind, body, answer = _plain_route(body, target, prompt_max_tokens)
     _check_served(target, path)

@@ -111,6 +111,11 @@ class Settings:
         """The name clients send as `model`."""
         return self.models[0].served_name
 
+    def flag_value(self, flag: str) -> str | None:
+        """The value a variable gives `flag` (None when none does)."""
+        found = [arg.argv[1] for arg in self.flag_args if arg.flag == flag and len(arg.argv) > 1]
+        return found[0] if found else None
+
     @property
     def upstream_url(self) -> str:
         """Where the first vLLM answers: the external server, else the child on loopback."""

@@ -26,7 +26,8 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-REASONS = {200: b"OK", 204: b"No Content", 400: b"Bad Request", 404: b"Not Found",
+REASONS = {200: b"OK", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized",
+           404: b"Not Found",
            500: b"Internal Server Error", 503: b"Service Unavailable"}
 EVENT_STREAM = b"text/event-stream; charset=utf-8"
 LAST_CHUNK = b"0\r\n\r\n"

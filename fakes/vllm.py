@@ -1,7 +1,8 @@
 """A stand-in for vLLM's OpenAI server, run as a real process by the tests and the benchmarks.
 
 Usage: python -m fakes.vllm [-m vllm.entrypoints.openai.api_server] [--model M] [--host H]
-       [--port P] [--served-model-name N] [--disable-uvicorn-access-log] [any vLLM flag]
+       [--port P] [--served-model-name N] [--disable-uvicorn-access-log] [--api-key K]
+       [any vLLM flag]
 
 It takes the argv the worker builds for vLLM, so it runs as the worker's child (through a
 launcher passed as VLLM_PYTHON, `write_launcher`) and the real command builder is
@@ -25,7 +26,9 @@ Wire format, as vLLM 0.32 sends it (observed on the CPU build), bodies in fakes.
   `model` other than the served name: vLLM's 404;
 - any other path (routes match the path without its query string, and the method):
   FastAPI's 404 `{"detail": "Not Found"}`; while "loading" the port is bound but not
-  listening, so connections are refused, as with vLLM.
+  listening, so connections are refused, as with vLLM;
+- with `--api-key K`, a 401 `{"error": "Unauthorized"}` for any `/v1` path without
+  `Authorization: Bearer K`, as vLLM's own key guards only `/v1`.
 
 Request fields read only here (vLLM would ignore them):
 - `max_tokens`: content chunks (or tokens) to send (default 5);
@@ -111,6 +114,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", dest="served_model_name")
     parser.add_argument("--disable-uvicorn-access-log", action="store_true")
+    parser.add_argument("--api-key", dest="api_key")
     parser.add_argument("--engine-core", action="store_true")
     args, _unknown = parser.parse_known_args(argv)
     args.served_model_name = args.served_model_name or args.model
@@ -200,18 +204,31 @@ def main(argv: list[str]) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     app = StandIn(args.served_model_name, args.model, switches,
-                  not args.disable_uvicorn_access_log)
+                  not args.disable_uvicorn_access_log, args.api_key)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C when run by hand
         run(serve(app, sock, switches, f"http://{args.host}:{args.port}"))
 
 
 # ------------------------------------------------------- for its starters --
 
-def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
+def free_port(count: int = 1) -> int:
+    """A loopback TCP port nothing listens on right now, and the `count - 1` after it too
+    (the worker gives each further model the next port)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port + count <= 65536 and all(_free(p) for p in range(port + 1, port + count)):
+            return port
+
+
+def _free(port: int) -> bool:
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def shell_command() -> str:

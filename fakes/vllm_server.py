@@ -117,8 +117,10 @@ def parsed(request: Request) -> Any:
 class StandIn(App):
     """vLLM's routes, the load tests' fields and the switches, over fakes.http."""
 
-    def __init__(self, served: str, root: str, switches: Switches, access_log: bool) -> None:
+    def __init__(self, served: str, root: str, switches: Switches, access_log: bool,
+                 api_key: str | None = None) -> None:
         self.served, self.root, self.switches = served, root, switches
+        self.api_key = api_key
         self.access_log = access_log
         self.stats = Stats()
         self.ids = itertools.count(1)
@@ -134,6 +136,10 @@ class StandIn(App):
         self.stats.connections -= 1
 
     def handle(self, conn: Connection, request: Request) -> None:
+        if (self.api_key and request.path.startswith("/v1")
+                and request.headers.get("authorization") != f"Bearer {self.api_key}"):
+            self.answer(conn, request, 401, b'{"error":"Unauthorized"}')  # as vLLM's --api-key
+            return
         self.routes.get((request.method, request.path), self.not_found)(conn, request)
 
     # ------------------------------------------------------------ answering --

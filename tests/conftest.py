@@ -6,6 +6,7 @@ tests."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -23,10 +23,11 @@ from pytest_httpserver import HTTPServer
 from fakes.platform import Platform
 from fakes.vllm import free_port
 from proxy import Proxy
+from real_vllm import LOCAL_KEY, REPO, RealEndpoint, vllm_processes
 from relay import Pacing
 from supervisor import group_members
-from support import SERVED, proxy_to
-from test_worker import Worker, kill_worker, start_worker
+from support import SERVED, StandIn, proxy_to
+from workers import Worker, kill_worker, start_worker
 
 
 @pytest.fixture(scope="session")
@@ -51,51 +52,6 @@ def proxy(fake_vllm: HTTPServer) -> Proxy:
     return proxy_to(fake_vllm, request_timeout=5, pacing=Pacing(0))
 
 
-REPO = Path(__file__).resolve().parent.parent
-LOCAL_KEY = "local-test-key-0123"
-
-
-@dataclass
-class RealEndpoint:
-    """The local endpoint in front of a real vLLM (CPU build) serving the tiny model."""
-
-    url: str
-    api_key: str
-    vllm_url: str
-    model: str
-    log: Path
-    process: subprocess.Popen[bytes]
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"}
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def real_vllm_python() -> str:
-    """The Python of vLLM's own environment (`make test` sets it up)."""
-    python = os.environ.get("VLLM_PYTHON", str(REPO / ".venv-vllm" / "bin" / "python"))
-    if not Path(python).exists():
-        pytest.fail(f"vLLM's environment is missing ({python}); `make test` sets it up.")
-    return python
-
-
-def vllm_processes(port: int) -> list[int]:
-    """PIDs of processes whose command line serves on `port` (the vLLM child)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                argv = cmdline.read().split(b"\0")
-        except OSError:
-            continue
-        if b"--port" in argv and str(port).encode() in argv and b"vllm" in b" ".join(argv):
-            found.append(int(entry))
-    return found
-
-
 @pytest.fixture(scope="session")
 def real_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEndpoint]:
     """`make run`, as the README says, started once per session (vLLM loads in about a
@@ -104,6 +60,7 @@ def real_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEndp
     port, vllm_port = free_port(), free_port()
     env = {**os.environ, "VLLM_PORT": str(vllm_port), "HF_HOME": str(tmp / "hf"),
            "HF_HUB_OFFLINE": "1", "LOCAL_API_KEY": LOCAL_KEY, "MAX_MODEL_LEN": "32768",
+           "MAX_NUM_SEQS": "8", "ENABLE_PREFIX_CACHING": "false",  # flags by their names
            "VLLM_STARTUP_TIMEOUT": "400", "HF_TOKEN": "hf_e2e_secret_token_value"}
     log = tmp / "endpoint.log"
     with log.open("wb") as sink:
@@ -127,7 +84,8 @@ def real_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEndp
             time.sleep(0.5)
         yield endpoint
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # `make run` may have exited already
+            os.killpg(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + 60
         while group_members(process.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -136,32 +94,6 @@ def real_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEndp
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
         assert not leftovers, f"processes left after SIGTERM: {leftovers}"
-
-
-@dataclass
-class StandIn:
-    """The stand-in vLLM (fakes.vllm) as a process of its own (another core than the worker
-    code's), serving SERVED, with `/stats` to count what it served."""
-
-    url: str
-    process: subprocess.Popen[str]
-    lines: collections.deque[str]  # its latest output, drained so that it never blocks
-
-    def stats(self) -> dict[str, int]:
-        return httpx.get(f"{self.url}/stats", timeout=10).json()
-
-    def reset(self) -> None:
-        httpx.post(f"{self.url}/stats/reset", timeout=10).raise_for_status()
-
-    def wait_for(self, condition: Callable[[dict[str, int]], bool], seconds: float,
-                 what: str) -> dict[str, int]:
-        """Poll /stats until `condition` holds; fail naming `what` after `seconds`."""
-        deadline = time.monotonic() + seconds
-        while not condition(stats := self.stats()):
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {seconds} s waiting for {what}: {stats}")
-            time.sleep(0.01)
-        return stats
 
 
 @pytest.fixture(scope="session")

@@ -1,24 +1,31 @@
-"""Helpers the tests share: run a job the way the Runpod SDK does, read its error."""
+"""Helpers the tests share: a proxy to the scriptable fake vLLM, a job run the way the
+Runpod SDK runs it and its error, the README's examples, the local endpoint in a thread,
+and the stand-in vLLM (fakes.vllm) as a process of its own."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
+import pytest
 import uvicorn
 from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
-from fakes.vllm import free_port
+from fakes.vllm import free_port, shell_command
 from handler import make_handler
 from local_endpoint import Endpoint
 from local_jobs import Jobs
@@ -129,3 +136,47 @@ class LocalEndpoint:
             self.call(self.proxy.aclose)
         self.server.should_exit = True
         self.thread.join(10)
+
+
+@dataclass
+class StandIn:
+    """The stand-in vLLM (fakes.vllm) as a process of its own (another core than the worker
+    code's), serving SERVED, with `/stats` to count what it served."""
+
+    url: str
+    process: subprocess.Popen[str]
+    lines: collections.deque[str]  # its latest output, drained so that it never blocks
+
+    def stats(self) -> dict[str, int]:
+        return httpx.get(f"{self.url}/stats", timeout=10).json()
+
+    def reset(self) -> None:
+        httpx.post(f"{self.url}/stats/reset", timeout=10).raise_for_status()
+
+    def wait_for(self, condition: Callable[[dict[str, int]], bool], seconds: float,
+                 what: str) -> dict[str, int]:
+        """Poll /stats until `condition` holds; fail naming `what` after `seconds`."""
+        deadline = time.monotonic() + seconds
+        while not condition(stats := self.stats()):
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out after {seconds} s waiting for {what}: {stats}")
+            time.sleep(0.01)
+        return stats
+
+
+STAND_IN_VERSION = "0.0.0+stand-in"
+
+
+def stand_in_python(directory: Path) -> str:
+    """A VLLM_PYTHON that runs the stand-in vLLM for `-m`, else Python with a fake `vllm`."""
+    package = directory / "site" / "vllm"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text(f"__version__ = {STAND_IN_VERSION!r}\n")
+    python = shlex.quote(sys.executable)
+    wrapper = directory / "vllm-python"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "-m" ]; then {shell_command()}; fi\n'
+        f'PYTHONPATH={shlex.quote(str(package.parent))} exec {python} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, RealEndpoint
+from real_vllm import REPO, RealEndpoint
 
 SCENARIOS = ["1_overhead", "2_stream_relay", "3_stream_posts", "4_startup", "5_real_vllm",
              "6_memory"]

@@ -200,7 +200,7 @@ def test_the_entrypoint_is_cleared_and_the_command_starts_the_worker() -> None:
     command = final("CMD")
     assert command == [WORKER_PYTHON, "handler.py"]
     workdir = [rest for keyword, rest in instructions(DOCKERFILE) if keyword == "WORKDIR"][-1]
-    assert ("COPY", "*.py ./") in instructions(DOCKERFILE) and workdir == "/app"
+    assert ("COPY", "*.py vllm_flags.json ./") in instructions(DOCKERFILE) and workdir == "/app"
     # The same command, with this checkout for /app and the worker's venv for /opt/worker,
     # gets as far as reading the settings: the command runs the worker's start-up.
     done = subprocess.run([sys.executable, *command[1:]], cwd=PROJECT, timeout=60, text=True,
@@ -278,9 +278,12 @@ def imported_modules(start: str) -> set[str]:
 def test_the_build_context_holds_the_worker_and_keeps_out_tests_caches_and_venvs() -> None:
     context = build_context()
     needed = {f"{m}.py" for m in imported_modules("handler") | imported_modules(
-        "test_vllm_command")} | {"requirements.txt"}
+        "test_vllm_command")} | {"requirements.txt", "vllm_flags.json"}
     assert {"handler.py", "test_vllm_command.py", "settings.py"} <= needed
     assert needed <= context, f"missing from the build context: {needed - context}"
+    shipped = {p for p in context if p.endswith(".py") and "/" not in p}
+    extra = shipped - needed - {f"{m}.py" for m in imported_modules("local_endpoint")}
+    assert extra == set(), "COPY *.py ships modules nothing in the image imports"
     assert all("/" not in path for path in needed), "COPY *.py copies the top level only"
     for kept_out in ("tests", "fakes", "benchmarks", ".venv", ".venv-vllm", ".git", ".models",
                      ".pytest_cache", ".ruff_cache", "__pycache__", "tests/test_deploy.py",
@@ -349,3 +352,21 @@ def test_the_predownload_uses_the_workers_huggingface_hub_and_the_bakes_exclusio
     excluded = [bake[i + 1] for i, word in enumerate(bake) if word == "--exclude"]
     words = shlex.split(PREDOWNLOAD)
     assert excluded == [words[i + 1] for i, word in enumerate(words) if word == "--exclude"]
+
+
+def test_every_package_the_worker_imports_is_declared() -> None:
+    """Not left to what another package brings along: runpod's own requirements change."""
+    declared = {line.split("==")[0].lower().replace("-", "_") for line in
+                (PROJECT / "requirements.txt").read_text().splitlines()
+                if line and not line.startswith("#")}
+    distribution = {"yaml": "pyyaml"}
+    own = {path.stem for path in PROJECT.glob("*.py")}
+    imported: set[str] = set()
+    for path in PROJECT.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - own - set(sys.stdlib_module_names) - {"__future__"}
+    assert {distribution.get(name, name) for name in third_party} <= declared

@@ -24,15 +24,15 @@ from pytest_httpserver import HTTPServer
 
 import diagnostic
 import preflight
-from fakes.vllm import free_port, shell_command
+from fakes.vllm import free_port
 from launch_plan import plan_launch
 from masking import secret_flag_values, secret_values
 from settings import DEFAULTS, load
 from supervisor import group_members
+from support import STAND_IN_VERSION, stand_in_python
 
 PROJECT = Path(__file__).resolve().parent.parent
 SCRIPT = PROJECT / "test_vllm_command.py"
-STAND_IN_VERSION = "0.0.0+stand-in"
 HF_TOKEN = "hf_diagnostic_secret_token_1234"
 API_KEY = "sk-diagnostic-api-key-5678"
 FLAG_TOKEN = "hf_flag_only_secret_9999"
@@ -47,21 +47,6 @@ def model_folder(path: Path, weights: tuple[str, ...] = ("model.safetensors",),
     for name in weights:
         (path / name).write_bytes(b"\0" * 1024)
     return path
-
-
-def stand_in_python(directory: Path) -> str:
-    """A VLLM_PYTHON that runs the stand-in vLLM for `-m`, else Python with a fake `vllm`."""
-    package = directory / "site" / "vllm"
-    package.mkdir(parents=True, exist_ok=True)
-    (package / "__init__.py").write_text(f"__version__ = {STAND_IN_VERSION!r}\n")
-    python = shlex.quote(sys.executable)
-    wrapper = directory / "vllm-python"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f'if [ "$1" = "-m" ]; then {shell_command()}; fi\n'
-        f'PYTHONPATH={shlex.quote(str(package.parent))} exec {python} "$@"\n')
-    wrapper.chmod(0o755)
-    return str(wrapper)
 
 
 def base_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
@@ -277,7 +262,7 @@ def test_sigterm_during_a_launch_stops_vllm(tmp_path: Path) -> None:
 
 def test_several_models_are_each_located_checked_and_launched(tmp_path: Path) -> None:
     first, second = model_folder(tmp_path / "alpha"), model_folder(tmp_path / "beta")
-    env = base_env(tmp_path, MODEL_NAMES=f"{first};{second}")
+    env = base_env(tmp_path, MODEL_NAMES=f"{first};{second}", VLLM_PORT=str(free_port(2)))
     del env["FAKE_VLLM_PID_FILE"]  # one file for two stand-ins would race
     code, report, _ = run_json(env, "--launch", "--timeout", "30")
     assert code == 0, report
@@ -349,3 +334,40 @@ def test_the_real_cpu_build_loads_and_its_console_script_does_not() -> None:
     assert legacy.status == "ok" and legacy.detail.endswith("loads vLLM 0.32.0"), legacy
     serve = preflight.check_vllm(load({"USE_VLLM_SERVE": "true"}), env)
     assert serve.status == "fail" and "PackageNotFoundError" in serve.detail, serve
+
+
+def test_each_vllm_flag_is_shown_with_the_variable_it_came_from(tmp_path: Path) -> None:
+    """As the README promises: which variable set each flag, what was ignored or renamed,
+    and every warning; and an ordinary value (DEFAULT_MAX_TOKENS) is never masked."""
+    config = tmp_path / "vllm.yaml"
+    config.write_text("max-num-seqs: 16\nblock-size: 32\n")
+    env = base_env(tmp_path, MODEL_PATH=str(model_folder(tmp_path / "hf" / "tiny-model")),
+                   MAX_NUM_SEQS="64", ENABLE_PREFIX_CACHING="false", DEVICE="auto",
+                   MODEL_REVISION="v2", ENABLE_PREFIX_CACHNG="true",
+                   VLLM_CONFIG_FILE=str(config), DEFAULT_MAX_TOKENS="2048",
+                   MAX_MODEL_LEN="2048")
+    code, report, _ = run_json(env, "--locate-only")
+    assert code == 0, report
+    flags = {f["flag"]: f for f in report["flags"] if f["in"] == "command line"}
+    in_file = {f["flag"]: f for f in report["flags"] if f["in"] == "config file"}
+    assert flags["--max-num-seqs"] == {"flag": "--max-num-seqs", "argv": "--max-num-seqs 64",
+                                       "source": "MAX_NUM_SEQS", "in": "command line"}
+    assert flags["--enable-prefix-caching"]["argv"] == "--no-enable-prefix-caching"
+    assert flags["--revision"]["source"] == "MODEL_REVISION"
+    assert in_file["--max-num-seqs"]["argv"] == "--max-num-seqs 16", "shown, and overridden"
+    assert in_file["--block-size"] == {"flag": "--block-size", "argv": "--block-size 32",
+                                     "source": f"{config} (block-size)", "in": "config file"}
+    assert any(n.startswith("DEVICE is ignored") for n in report["notes"])
+    assert any("did you mean ENABLE_PREFIX_CACHING?" in w for w in report["warnings"])
+    assert any("MAX_NUM_SEQS, which wins" in w for w in report["warnings"])
+    command = report["models"][0]["command"]
+    assert command[command.index("--max-num-seqs") + 1] == "64"
+    assert command[command.index("--max-model-len") + 1] == "2048", "not masked"
+    assert {"name": "DEFAULT_MAX_TOKENS", "value": "2048", "source": "set"} in report["settings"]
+
+
+def test_a_bad_flag_value_fails_at_the_settings_step_naming_the_variable(
+        tmp_path: Path) -> None:
+    code, report, _ = run_json(base_env(tmp_path, KV_CACHE_DTYPE="fp9"))
+    assert (code, report["failed_step"]) == (2, "settings")
+    assert report["error"].startswith("KV_CACHE_DTYPE='fp9' is not valid for --kv-cache-dtype")

@@ -4,15 +4,19 @@ endpoint, to a real vLLM (CPU build) serving the tiny model the project builds."
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import time
+from pathlib import Path
 
 import anthropic
 import httpx
 import openai
 import pytest
 
-from conftest import RealEndpoint
+from fakes.vllm import free_port
+from real_vllm import REPO, RealEndpoint
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -212,3 +216,29 @@ def test_no_secret_reaches_the_log(real_endpoint: RealEndpoint) -> None:
     text = real_endpoint.log_text()
     assert "[vllm]" in text  # the child's own lines are in the log too
     assert "hf_e2e_secret_token_value" not in text and real_endpoint.api_key not in text
+
+
+def test_vllm_flags_set_by_their_variables_are_what_vllm_reports_about_itself(
+        real_endpoint: RealEndpoint) -> None:
+    """MAX_NUM_SEQS, ENABLE_PREFIX_CACHING and (from the Makefile) ENABLE_CHUNKED_PREFILL,
+    as vLLM's own start-up lines state them."""
+    lines = real_endpoint.log_text().splitlines()
+    given = next(line for line in lines if "non-default args:" in line)
+    assert "'max_num_seqs': 8" in given
+    assert "'enable_prefix_caching': False" in given
+    assert "'enable_chunked_prefill': False" in given
+    engine = next(line for line in lines if "Initializing a V1 LLM engine" in line)
+    assert "enable_prefix_caching=False" in engine and "enable_chunked_prefill=False" in engine
+
+
+def test_a_value_vllm_would_refuse_stops_the_worker_before_vllm_is_spawned(
+        tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HOME": str(tmp_path), "MAX_NUM_SEQS": "lots",
+           "VLLM_PORT": str(free_port())}
+    done = subprocess.run(["make", "-s", "run", f"PORT={free_port()}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert ("Invalid setting: MAX_NUM_SEQS='lots' is not valid for --max-num-seqs: it must "
+            "be a whole number.") in output
+    assert "Starting vLLM" not in output and "[vllm]" not in output

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, real_vllm_python, vllm_processes
 from fakes.platform import Platform
 from fakes.vllm import free_port
+from real_vllm import REPO, real_vllm_python, vllm_processes
 from supervisor import group_members
-from test_worker import kill_worker, sse_data, start_worker, wait_until
+from workers import kill_worker, sse_data, start_worker, wait_until
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 

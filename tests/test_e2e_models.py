@@ -9,11 +9,10 @@ import json
 import math
 import os
 import signal
-import socket
 import struct
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,8 +20,9 @@ import httpx
 import openai
 import pytest
 
-from conftest import LOCAL_KEY, REPO, RealEndpoint, vllm_processes
 from fakes.vllm import free_port
+from readme_checks import EMBEDDING_EXAMPLES
+from real_vllm import LOCAL_KEY, REPO, RealEndpoint, vllm_processes
 from supervisor import group_members
 from support import run_readme_example
 
@@ -46,18 +46,6 @@ def reference(code: str) -> object:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def two_free_ports() -> int:
-    """A free port whose next one is free too: the second model's vLLM takes it."""
-    while True:
-        port = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-
-
 @pytest.fixture(scope="module")
 def models_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEndpoint]:
     tmp = tmp_path_factory.mktemp("two-models")
@@ -68,7 +56,7 @@ def models_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEn
                        "print(json.dumps(str(m.get_model_path())))")
     (home / "tiny-chat").symlink_to(tiny)  # folders on the volume, named after the models
     (home / "all-MiniLM-L6-v2").symlink_to(str(minilm))
-    port, vllm_port = free_port(), two_free_ports()
+    port, vllm_port = free_port(), free_port(2)
     env = {**os.environ, "MODEL_NAMES": f"tiny-chat;{EMBEDDER}", "HF_HOME": str(home),
            "VLLM_PORT": str(vllm_port), "HF_HUB_OFFLINE": "1", "LOCAL_API_KEY": LOCAL_KEY,
            "GPU_MEMORY_UTILIZATION": "0.3", "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -180,28 +168,6 @@ def test_an_embedding_model_refuses_chat_naming_what_it_serves(client: openai.Op
         client.chat.completions.create(model=EMBEDDER, messages=[{"role": "user", "content": "x"}])
     assert "does not serve /v1/chat/completions" in failure.value.message
     assert "/v1/embeddings" in failure.value.message
-
-
-def embeddings_of_two(out: str) -> None:
-    answer = json.loads(out)
-    assert [len(item["embedding"]) for item in answer["data"]] == [384, 384]
-
-
-def reranked_paris_first(out: str) -> None:
-    results = json.loads(out)["output"][0]["results"]
-    assert results[1]["document"] == "Paris is the capital of France."
-    assert results[1]["relevance_score"] > results[0]["relevance_score"]
-
-
-def two_lengths(out: str) -> None:
-    assert out.strip() == "[384, 384]"
-
-
-EMBEDDING_EXAMPLES: dict[str, Callable[[str], None]] = {
-    "curl-embeddings": embeddings_of_two,
-    "runsync-rerank": reranked_paris_first,
-    "openai-embeddings": two_lengths,
-}
 
 
 @pytest.mark.parametrize("name", sorted(EMBEDDING_EXAMPLES))

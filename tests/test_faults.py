@@ -31,15 +31,14 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
-from conftest import StandIn
 from fakes.platform import Platform
 from handler import make_handler
 from proxy import Proxy
 from relay import Pacing
 from routes import Target
 from supervisor import group_members
-from support import SERVED, LocalEndpoint, job_error, proxy_to, run_job
-from test_worker import CHAT, Worker, serving, sse_data, wait_until
+from support import SERVED, LocalEndpoint, StandIn, job_error, proxy_to, run_job
+from workers import CHAT, Worker, serving, sse_data, wait_until
 
 ROUNDS = 100
 

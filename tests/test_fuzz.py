@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import os
 import re
 import threading
 from collections.abc import Iterator
@@ -26,14 +25,13 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from pytest_httpserver import HTTPServer
 
+from figures import ENDPOINT_PATHS, EXAMPLES, HOSTILE_ROUTES
 from handler import make_handler
 from proxy import Proxy
 from relay import Pacing
 from routes import ALIASES, UPSTREAM_ROUTES, Target, resolve_route
 from support import SERVED, LocalEndpoint, job_error, proxy_to, run_job
 
-DEFAULT_EXAMPLES = 300  # per property; FUZZ_EXAMPLES sets another number
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES") or DEFAULT_EXAMPLES)
 settings.register_profile("ci", max_examples=EXAMPLES, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow,
                                                  HealthCheck.data_too_large])
@@ -199,22 +197,6 @@ json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(texts, inner, max_size=4), max_leaves=12)
 
 KNOWN_ROUTES = sorted({*UPSTREAM_ROUTES, *ALIASES})
-HOSTILE_ROUTES = [
-    "/collective_rpc", "/collective_rpc/", "/sleep", "/wake_up", "/is_sleeping",
-    "/reset_prefix_cache", "/reset_mm_cache", "/pause", "/resume", "/scale_elastic_ep",
-    "/start_profile", "/stop_profile", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
-    "/metrics", "/health", "/ping", "/version", "/server_info", "/invocations",
-    "/openapi.json", "/docs", "/v1/../collective_rpc", "/v1/chat/completions/../../sleep",
-    "/./sleep", "/v1/./models", "//127.0.0.1:8000/sleep", "//evil.example/v1/models",
-    "http://127.0.0.1:8000/sleep", "https://evil.example/v1/chat/completions",
-    "/v1/chat%2Fcompletions", "/%2e%2e/sleep", "/%252e%252e/sleep", "/v1/models%00",
-    "/v1/models\x00/../sleep", "/v1/chat/completions?x=1", "/v1/models?a=/sleep",
-    "/v1/chat/completions#frag", "/v1/chat/completions;x=1", "/v1//chat/completions",
-    "\\..\\sleep", "/v1\\chat\\completions", "\uff0fsleep", "/v1/chat/completions\n/sleep",
-    "/v1/chat/completions /sleep", "/V1/Chat/Completions", " /v1/models", "v1/models",
-    "/v1/responses/resp_x/../../sleep", "/v1/responses/../../sleep/cancel",
-    "/v1/responses/resp_" + "a" * 129, "",
-]
 routes = (st.sampled_from(KNOWN_ROUTES) | st.sampled_from(HOSTILE_ROUTES)
           | st.from_regex(r"/(v1/)?responses/resp_[A-Za-z0-9_-]{1,12}(/cancel)?", fullmatch=True)
           | st.lists(st.sampled_from(["v1", "..", ".", "", "%2e", "chat", "completions",
@@ -323,15 +305,6 @@ def test_hostile_routes_in_a_job_never_reach_vllm(
     error = job_error(run_job(proxy, {"openai_route": route, "openai_input": {"x": 1}}))
     assert error["code"] == 400 and "allowed routes" in error["message"]
     assert fake_vllm.log == []
-
-
-ENDPOINT_PATHS = [
-    "../../collective_rpc", "..%2F..%2Fcollective_rpc", "%2e%2e/%2e%2e/sleep", "../sleep",
-    "./../reset_prefix_cache", "load_lora_adapter", "unload_lora_adapter", "start_profile",
-    "chat/completions/../../../sleep", "chat%2Fcompletions%2F..%2F..%2Fsleep",
-    "%252e%252e/sleep", "/collective_rpc", "//evil.example/v1/models",
-    "http://evil.example/sleep", "chat/completions%3Fx=1/../../sleep",
-]
 
 
 @pytest.mark.parametrize("path", ENDPOINT_PATHS)

@@ -136,3 +136,14 @@ def test_hub_tests_run_where_the_listing_runs() -> None:
     config = TESTS["config"]
     assert config["gpuCount"] >= 1 and config["gpuTypeId"]
     assert config["allowedCudaVersions"] == HUB["config"]["allowedCudaVersions"]
+
+
+def test_the_form_offers_the_vllm_settings_users_set_most() -> None:
+    most_set = {"QUANTIZATION", "KV_CACHE_DTYPE", "ENABLE_PREFIX_CACHING", "MAX_NUM_SEQS",
+                "MAX_NUM_BATCHED_TOKENS", "ENFORCE_EAGER", "TRUST_REMOTE_CODE",
+                "CUSTOM_CHAT_TEMPLATE", "SPECULATIVE_CONFIG", "MODEL_REVISION", "TOKENIZER_NAME",
+                "PIPELINE_PARALLEL_SIZE", "ENABLE_EXPERT_PARALLEL"}
+    assert most_set <= set(INPUTS)
+    switches = [key for key in INPUTS if key in BY_VARIABLE and BY_VARIABLE[key].kind == "switch"]
+    for key in switches:  # "auto" on the form: a field left alone changes nothing
+        assert INPUTS[key].get("default") == "auto" and load({key: "auto"}).flag_args == ()

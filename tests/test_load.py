@@ -23,18 +23,16 @@ import pytest
 from runpod.serverless.modules.rp_job import run_job_generator
 from runpod.serverless.modules.rp_logger import RunPodLogger
 
-from conftest import StandIn
 from fakes.bodies import MULTIBYTE, json_body, stream_body
 from fakes.platform import Platform
+from figures import EVENTS, STREAMS
 from handler import make_handler
 from proxy import Proxy
 from relay import Pacing
 from routes import Target
-from support import SERVED, LocalEndpoint
-from test_worker import Worker, serving, sse_data
+from support import SERVED, LocalEndpoint, StandIn
+from workers import Worker, serving, sse_data
 
-STREAMS = 256
-EVENTS = 2000
 ENDPOINT_CONCURRENCY = 64
 BIG_BODY = 10 << 20
 CHAT = "/v1/chat/completions"

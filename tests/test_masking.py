@@ -9,7 +9,9 @@ import sys
 import pytest
 
 from masking import (
+    SECRET_FLAG,
     MaskSecrets,
+    is_secret_name,
     mask,
     mask_argv,
     secret_flag_values,
@@ -71,3 +73,24 @@ def test_the_log_handler_masks_messages_arguments_and_tracebacks(
     assert "hf_abcdef123" not in logged
     assert "token *** in an argument" in logged and "RuntimeError: failed with ***" in logged
     assert any(isinstance(f, MaskSecrets) for f in logging.getLogger().handlers[0].filters)
+
+
+def test_ordinary_settings_that_mention_tokens_or_keys_are_never_masked() -> None:
+    env = {"DEFAULT_MAX_TOKENS": "2048", "MAX_NUM_BATCHED_TOKENS": "8192",
+           "TOKENIZER": "org/tok", "TOKENIZER_MODE": "slow", "SSL_KEYFILE": "/k.pem",
+           "VLLM_EXTRA_ARGS": "--max-num-batched-tokens 4096 --tokenizer-mode auto"}
+    assert secret_values(env) == ()
+    shown = show(["--max-num-batched-tokens", "4096", "--max-model-len", "2048"])
+    assert shown == "--max-num-batched-tokens 4096 --max-model-len 2048"
+
+
+def test_secret_names_are_recognised_precisely() -> None:
+    secret = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "LOCAL_API_KEY", "RUNPOD_AI_API_KEY",
+              "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD", "GCP_CREDENTIALS")
+    ordinary = ("DEFAULT_MAX_TOKENS", "MAX_NUM_BATCHED_TOKENS", "TOKENIZER", "TOKENIZER_MODE",
+                "SSL_KEYFILE", "KV_CACHE_DTYPE", "MAX_LOGPROBS")
+    assert [n for n in secret if not is_secret_name(n)] == []
+    assert [n for n in ordinary if is_secret_name(n)] == []
+    assert [bool(SECRET_FLAG.match(f)) for f in ("--api-key", "--api-keys", "--hf-token",
+                                                   "--max-num-batched-tokens", "--tokenizer")
+            ] == [True, True, True, False, False]

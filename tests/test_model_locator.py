@@ -206,3 +206,24 @@ def test_a_real_model_folder_in_hf_home_is_never_replaced(tmp_path: Path) -> Non
     assert not link.startswith(str(home)) and os.path.realpath(link) == str(target)
     assert (real / "config.json").is_file() and not real.is_symlink()
     assert link_for_vllm(str(real), str(home), "m") == str(real)
+
+
+def test_a_revision_picks_its_own_snapshot_and_never_another(tmp_path: Path) -> None:
+    hub = tmp_path / "hf" / "hub"
+    old = "a" * 40
+    new = "b" * 40
+    cache_snapshot(hub, "models--acme--tiny-7b", old, main=False)
+    current = cache_snapshot(hub, "models--acme--tiny-7b", new)
+    (hub / "models--acme--tiny-7b" / "refs" / "v1").write_text(old)
+    home = str(tmp_path / "hf")
+
+    def at(revision: str | None) -> str:
+        return locate("acme/tiny-7b", None, home, (str(hub),), revision).model
+
+    assert at(None) == str(current)
+    assert at("v1").endswith(old), "a tag or branch, through refs/"
+    assert at(old[:7]).endswith(old), "a commit by its first characters"
+    missing = locate("acme/tiny-7b", None, home, (str(hub),), "c" * 40)
+    assert not missing.is_local and missing.model == "acme/tiny-7b"
+    assert any("no snapshot of revision cccc" in step for step in missing.steps)
+    assert "at revision cccc" in missing.steps[-1]

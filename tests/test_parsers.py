@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, real_vllm_python
 from model_info import ModelInfo, read_model_info
 from parsers import FAMILIES, choose, identify
+from real_vllm import REPO, real_vllm_python
 from settings import SettingsError
 
 QWEN_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}{% endfor %}<tool_call>"

@@ -3,50 +3,22 @@ endpoint (the deployed URL swapped for the local one, as the README says to do).
 
 from __future__ import annotations
 
-import json
+import os
 import re
-from collections.abc import Callable
+import subprocess
+from pathlib import Path
 
 import pytest
 
-import test_fuzz
-import test_load
-from conftest import REPO, RealEndpoint
+import figures
+from readme_checks import CHECKS, EMBEDDING_EXAMPLES, SETTINGS_EXAMPLES
+from real_vllm import REPO, RealEndpoint
 from support import readme_examples, run_readme_example
-from test_e2e_models import EMBEDDING_EXAMPLES
-
-
-def chat_completion(out: str) -> None:
-    assert json.loads(out)["object"] == "chat.completion"
-
-
-def chat_stream(out: str) -> None:
-    events = [line for line in out.splitlines() if line.startswith("data: ")]
-    assert events[-1] == "data: [DONE]"
-    assert json.loads(events[0].removeprefix("data: "))["object"] == "chat.completion.chunk"
-
-
-def runsync(out: str) -> None:
-    answer = json.loads(out)
-    assert answer["status"] == "COMPLETED"
-    assert answer["output"][0]["object"] == "chat.completion"
-
-
-def printed_text(out: str) -> None:
-    assert out.endswith("\n") and len(out) > 1
-
-
-CHECKS: dict[str, Callable[[str], None]] = {
-    "curl-chat": chat_completion,
-    "curl-stream": chat_stream,
-    "runsync": runsync,
-    "runpod-client": printed_text,
-    "openai-client": printed_text,
-}
 
 
 def test_every_readme_example_is_checked() -> None:
-    assert set(readme_examples()) == set(CHECKS) | set(EMBEDDING_EXAMPLES)
+    assert set(readme_examples()) == set(CHECKS) | set(EMBEDDING_EXAMPLES) | set(
+        SETTINGS_EXAMPLES)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
@@ -62,10 +34,25 @@ def test_the_reliability_table_names_real_tests_and_their_figures() -> None:
     section = readme[readme.index("## Reliability"):readme.index("## Troubleshooting")]
     named = set(re.findall(r"`(tests/test_\w+\.py)`", section))
     assert len(named) >= 6 and all((REPO / path).is_file() for path in named)
-    streams, events = test_load.STREAMS, test_load.EVENTS
+    streams, events = figures.STREAMS, figures.EVENTS
     assert f"{streams} concurrent streams of {events:,} events" in section
     assert f"{streams * events:,} events, 0 lost" in section
-    assert f"{len(test_fuzz.HOSTILE_ROUTES)} job routes" in section
-    assert f"{len(test_fuzz.ENDPOINT_PATHS)} raw paths" in section
-    assert f"{test_fuzz.DEFAULT_EXAMPLES} examples per property" in section
+    assert f"{len(figures.HOSTILE_ROUTES)} job routes" in section
+    assert f"{len(figures.ENDPOINT_PATHS)} raw paths" in section
+    assert f"{figures.DEFAULT_EXAMPLES} examples per property" in section
     assert "FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest tests/test_fuzz.py" in section
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS_EXAMPLES))
+def test_readme_settings_example_runs_as_written(name: str, tmp_path: Path) -> None:
+    language, code = readme_examples()[name]
+    folder = tmp_path / "tiny-model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (folder / "model.safetensors").write_bytes(b"\0" * 8)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"),
+           "MODEL_PATH": str(folder)}
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert (language, done.returncode) == ("sh", 0), done.stdout + done.stderr
+    SETTINGS_EXAMPLES[name](done.stdout)

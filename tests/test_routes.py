@@ -220,3 +220,30 @@ def test_a_route_the_models_vllm_lacks_is_a_404_naming_what_it_serves(
                                 "/v1/chat/completions; it serves: /rerank, /score, "
                                 "/v1/embeddings, /v1/models.")
     assert fake_vllm.log == []
+
+
+def test_worker_vllms_route_and_body_shape_means_the_same_as_openai_route(
+        fake_vllm: HTTPServer, proxy: Proxy) -> None:
+    fake_vllm.expect_request("/v1/completions", method="POST").respond_with_json({"ok": 1})
+    models = {"object": "list", "data": [{"id": SERVED}]}
+    fake_vllm.expect_request("/v1/models", method="GET").respond_with_json(models)
+    body = {"prompt": "Once", "max_tokens": 3}
+    assert run_job(proxy, {"route": "/v1/completions", "body": body, "method": "POST"}) == [
+        {"ok": 1}]
+    assert run_job(proxy, {"route": "/v1/completions", "body": body}) == [{"ok": 1}]
+    assert run_job(proxy, {"route": "/v1/models"}) == [models]
+    assert sent_bodies(fake_vllm) == [{"model": SERVED, **body}] * 2
+
+
+@pytest.mark.parametrize(("job_input", "words"), [
+    ({"route": "/collective_rpc", "body": {}}, "allowed routes"),
+    ({"route": "/v1/models", "method": "POST", "body": {"x": 1}}, "takes GET, not POST"),
+    ({"route": "/v1/completions", "body": {"prompt": "x"}, "method": "DELETE"},
+     "method must be GET or POST"),
+    ({"route": "/v1/completions", "body": {"prompt": "x"}, "prompt": "y"}, "inside body"),
+])
+def test_worker_vllms_shape_is_refused_as_the_openai_route_shape_is(
+        fake_vllm: HTTPServer, proxy: Proxy, job_input: dict[str, Any], words: str) -> None:
+    error = job_error(run_job(proxy, job_input))
+    assert error["code"] == 400 and words in error["message"]
+    assert fake_vllm.log == []

@@ -31,9 +31,8 @@ from fakes.platform import Platform
 from fakes.vllm import free_port
 from settings import load
 from supervisor import group_members
-from support import SERVED, LocalEndpoint, proxy_to
-from test_diagnostic import stand_in_python
-from test_worker import CHAT, Worker, model_folder, serving
+from support import SERVED, LocalEndpoint, proxy_to, stand_in_python
+from workers import CHAT, Worker, model_folder, serving
 
 PROJECT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, real_vllm_python
+from real_vllm import REPO, real_vllm_python
 from vllm_flags import (
     BY_VARIABLE,
     DATA,
