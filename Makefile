@@ -1,4 +1,5 @@
 # `make run`: the worker behind a local Runpod endpoint (sets everything up first).
+# `make run-lb`: the worker as a load-balancing endpoint's server, on PORT (default 8080).
 # `make test`: lint, then every test, end-to-end ones on a real vLLM included.
 # `make bench`: the benchmarks (see README, "Performance").
 SHELL := /bin/bash
@@ -28,14 +29,23 @@ VLLM_PACKAGE := vllm==$(VLLM_VERSION)
 endif
 ifeq ($(MODEL_NAME)$(MODEL_PATH)$(MODEL_NAMES),)
 export MODEL_PATH := $(TINY_MODEL_PATH)
+# Its tokenizer spends about a token a character: OpenWebUI's default chat, with its
+# built-in tools, needs more than 8192 tokens of context.
+run run-lb: export MAX_MODEL_LEN ?= 32768
 RUN_NEEDS_MODEL := $(TINY_MODEL)/.built
 endif
 
-.PHONY: run test bench
+.PHONY: run run-lb test bench
+RUN_NEEDS := $(VENV)/.ready $(if $(findstring $(CURDIR)/$(VLLM_VENV),$(VLLM_PYTHON)),$(VLLM_VENV)/.ready) $(RUN_NEEDS_MODEL)
 
-run: $(VENV)/.ready $(if $(findstring $(CURDIR)/$(VLLM_VENV),$(VLLM_PYTHON)),$(VLLM_VENV)/.ready) $(RUN_NEEDS_MODEL)
+run: $(RUN_NEEDS)
 	@echo "==> Starting the worker (vLLM loads in about a minute on a CPU; its log follows)"
 	exec $(VENV)/bin/python local_endpoint.py --port $(PORT)
+
+# The image's command, as a Runpod load-balancing endpoint runs it: an OpenAI server on $(PORT).
+run-lb: $(RUN_NEEDS)
+	@echo "==> Starting the load-balancing server on 0.0.0.0:$(PORT) (/ping: 204 while vLLM loads)"
+	PORT=$(PORT) exec $(VENV)/bin/python handler.py
 
 test: $(VENV)/.ready $(VLLM_VENV)/.ready $(TINY_MODEL)/.built $(REFERENCE_VENV)/.ready
 	$(VENV)/bin/ruff check .

@@ -1,8 +1,10 @@
 """The Runpod serverless worker: `python handler.py`.
 
-Start-up happens before the first job (serving.py): settings, weights, every vLLM
+A queue endpoint's worker (the platform's job URL, `RUNPOD_WEBHOOK_GET_JOB`, is set):
+start-up happens before the first job (serving.py): settings, weights, every vLLM
 started on loopback and healthy; only then is the handler given to the Runpod SDK,
-which takes jobs as soon as it starts.
+which takes jobs as soon as it starts. A load-balancing endpoint's worker (`PORT` set
+and no job URL): the HTTP server of lb_endpoint.py, listening while vLLM starts.
 
 `make_handler(proxy)` is the job handler: an async generator (the SDK streams
 what it yields and, with `return_aggregate_stream`, returns the list of yields
@@ -19,9 +21,9 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from masking import secret_values, setup_logging
+import lb_endpoint
 from proxy import Proxy
-from serving import Service, serving
+from serving import Service, load_settings, serving
 
 log = logging.getLogger("worker")
 Handler = Callable[[dict[str, Any]], AsyncIterator[Any]]
@@ -48,10 +50,10 @@ def _import_sdk_meanwhile() -> threading.Thread:
     (py-cpuinfo, aiohttp), which would otherwise come after vLLM is healthy."""
     # The SDK logs every yielded item at DEBUG, its default level: users' prompts and
     # answers would fill the log. INFO unless the deployment asks for more.
-    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     # Importing the SDK calls logging.basicConfig, a no-op once the root logger has a
-    # handler: set ours (secrets masked) first, or the SDK's would print them unmasked.
-    setup_logging(secret_values(os.environ))
+    # handler: ours (secrets masked) is set first (load_settings), or the SDK's would print
+    # them unmasked.
+    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     sdk = threading.Thread(target=importlib.import_module, args=("runpod",), daemon=True)
     sdk.start()
     return sdk
@@ -77,9 +79,17 @@ def serve_jobs(service: Service) -> None:
 
 
 def main() -> None:
+    settings = load_settings(os.environ)
+    if settings.load_balancing:
+        log.info("Serving a load-balancing endpoint on port %s: PORT is set and there is no "
+                 "job queue (RUNPOD_WEBHOOK_GET_JOB is unset)", settings.port)
+        lb_endpoint.serve(Service(settings, os.environ))
+        return
+    log.info("Taking jobs from the Runpod queue: %s", "RUNPOD_WEBHOOK_GET_JOB is set"
+             if os.environ.get("RUNPOD_WEBHOOK_GET_JOB") else "PORT is not set")
     sdk = _import_sdk_meanwhile()
     try:
-        with serving() as service:
+        with serving(os.environ, settings) as service:
             sdk.join()
             serve_jobs(service)
     finally:

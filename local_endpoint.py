@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -35,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from errors import ProxyError, error_body, parse_job_error
 from handler import make_handler
+from http_limits import Server, config
 from local_jobs import Job, Jobs, follow
 from serving import serving
 
@@ -260,15 +259,10 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(error_body(status, message), status)
 
 
-class _Server(uvicorn.Server):
-    """uvicorn, announcing the base URL once the socket listens. The serve context owns
-    SIGTERM and SIGINT (one drain for the whole worker), so uvicorn leaves them alone."""
+class _Server(Server):
+    """uvicorn with the worker's limits, announcing the base URL once the socket listens."""
 
     banner = ""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
     async def startup(self, sockets: list[Any] | None = None) -> None:
         await super().startup(sockets)
@@ -300,8 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         endpoint = Endpoint(jobs, settings.local_api_key, settings.local_max_body_bytes,
                             lambda: service.stopping)
         service.in_flight = endpoint.in_flight
-        server = _Server(uvicorn.Config(endpoint.app, host=args.host, port=args.port,
-                                        log_level="warning"))
+        server = _Server(config(endpoint.app, host=args.host, port=args.port))
         server.banner = _banner(args.host, args.port, settings.served_model_name,
                                 settings.local_api_key)
         server.run()

@@ -102,7 +102,9 @@ class Jobs:
     """Runs jobs through the handler as the Runpod SDK would, MAX_CONCURRENCY at a time."""
 
     def __init__(self, run: Handler, max_concurrency: int, keep_jobs: int = KEEP_JOBS,
-                 keep_bytes: int = KEEP_BYTES) -> None:
+                 keep_bytes: int = KEEP_BYTES, keep_seconds: dict[str, float] | None = None,
+                 ) -> None:
+        self._keep_seconds = KEEP_SECONDS if keep_seconds is None else keep_seconds
         self._run = run
         self._slots = asyncio.Semaphore(max_concurrency)
         self._jobs: dict[str, Job] = {}
@@ -207,7 +209,7 @@ class Jobs:
         job.size = sum(len(i) if isinstance(i, str) else len(json.dumps(i)) for i in job.items)
         self._kept[job.id] = job
         self._kept_bytes += job.size
-        keep = KEEP_SECONDS.get(job.route, DEFAULT_KEEP_SECONDS)
+        keep = self._keep_seconds.get(job.route, DEFAULT_KEEP_SECONDS)
         self._expiring.setdefault(keep, deque()).append(job)
         while self._kept and (len(self._kept) > self._keep_jobs
                               or self._kept_bytes > self._keep_bytes):
@@ -217,7 +219,7 @@ class Jobs:
         now = time.monotonic()
         for keep, finished in self._expiring.items():
             while finished and (finished[0].id not in self._kept
-                                or now - (finished[0].finished or now) > keep):
+                                or now - (finished[0].finished or now) >= keep):
                 self._forget(finished.popleft())
 
     def _forget(self, job: Job) -> None:

@@ -20,8 +20,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import httpx
 
@@ -31,6 +31,10 @@ from routes import Target, UpstreamRequest, resolve, shape_answer
 from sse import StreamKind, error_event
 
 log = logging.getLogger("worker.proxy")
+
+
+class Interruptible(Protocol):
+    def interrupt(self) -> None: ...
 
 
 def _no_exit(timeout: float) -> str | None:
@@ -79,6 +83,22 @@ class Proxy:
     def _interrupt_streams(self) -> None:
         for relay in list(self._streams):
             relay.interrupt()
+
+    @property
+    def closing(self) -> str | None:
+        """Why the streams are being ended (None while they may run)."""
+        return self._closing
+
+    @contextlib.contextmanager
+    def tracking(self, stream: Interruptible) -> Iterator[None]:
+        """Count `stream` among the open ones `close_streams` ends."""
+        self._streams.add(stream)
+        if self._closing is not None:
+            stream.interrupt()
+        try:
+            yield
+        finally:
+            self._streams.discard(stream)
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -142,13 +162,7 @@ class Proxy:
                 content = json.dumps(request.body, ensure_ascii=False, allow_nan=False).encode()
             except (ValueError, TypeError, RecursionError) as exc:
                 raise ProxyError(400, f"The request body cannot be sent as JSON: {exc}.") from None
-        message = self.client.build_request(
-            request.method, request.target.base_url + request.path, content=content,
-            headers={"Content-Type": "application/json"} if content is not None else None)
-        try:
-            response = await self.client.send(message, stream=True)
-        except httpx.HTTPError as exc:
-            raise await self._transport_error(exc) from None
+        response = await self.open(request, content)
         try:
             if response.status_code >= 400:
                 raise from_upstream(response.status_code, await self._read(response))
@@ -166,29 +180,37 @@ class Proxy:
         finally:
             await response.aclose()
 
+    async def open(self, request: UpstreamRequest, content: bytes | None, query: bytes = b""
+                   ) -> httpx.Response:
+        """Send `request` with `content` as its body; the response, its body still to read
+        (close it). ProxyError when vLLM cannot be reached."""
+        url = request.target.base_url + request.path + (f"?{query.decode()}" if query else "")
+        message = self.client.build_request(
+            request.method, url, content=content,
+            headers={"Content-Type": "application/json"} if content is not None else None)
+        try:
+            return await self.client.send(message, stream=True)
+        except httpx.HTTPError as exc:
+            raise await self.transport_error(exc) from None
+
     async def _read(self, response: httpx.Response) -> bytes:
         try:
             return await response.aread()
         except httpx.HTTPError as exc:
-            raise await self._transport_error(exc) from None
+            raise await self.transport_error(exc) from None
 
     async def _relay(self, response: httpx.Response, kind: StreamKind, pacing: Pacing
                      ) -> AsyncIterator[str]:
-        relay = StreamRelay(response.aiter_bytes(), pacing)
-        self._streams.add(relay)
-        if self._closing is not None:
-            relay.interrupt()
+        relay = StreamRelay(response.aiter_bytes(), pacing, kind)
         started = False
-        try:
+        with self.tracking(relay):
             async for text in relay:
                 started = True
                 yield text
-        finally:
-            self._streams.discard(relay)
         if relay.interrupted:
             error = ProxyError(503, self._closing or "The stream was ended by the worker.")
         elif relay.error is not None:
-            error = await self._transport_error(relay.error)
+            error = await self.transport_error(relay.error)
         elif relay.leftover.strip():
             error = ProxyError(502, f"vLLM's stream ended in the middle of an event "
                                     f"({len(relay.leftover)} bytes cut off).")
@@ -199,7 +221,7 @@ class Proxy:
         log.warning("stream interrupted after it started: %s", error.message)
         yield error_event(kind, error)
 
-    async def _transport_error(self, exc: BaseException) -> ProxyError:
+    async def transport_error(self, exc: BaseException) -> ProxyError:
         """What went wrong talking to vLLM, checking first whether vLLM itself has gone."""
         if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
             return ProxyError(504, f"vLLM sent nothing for {self.request_timeout:g} s "

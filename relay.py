@@ -4,11 +4,15 @@ Invariants (tests hold us to each):
 - every yielded string is a run of whole SSE events, cut only after a blank
   line, so no event and no UTF-8 character is ever split;
 - the concatenation of all yields is the upstream body, byte for byte;
-- the first event is yielded at once, with what follows it within `FIRST_WAIT`:
-  vLLM writes a chat stream's role chunk and first token separately, a fraction
-  of a millisecond apart, and the token must not wait a flush interval behind
-  the role chunk; when one read brings many events, the first yield goes after
-  at most `FIRST_BATCH` chunks of it, not after the whole read;
+- the first event that carries output (chat delta content, reasoning or tool calls,
+  completion text, a Responses API output delta, an Anthropic content block delta:
+  anything sse.is_preamble does not know as preamble) is yielded the moment it
+  arrives, with every event before it. Those before it (a chat stream's role chunk,
+  `response.created`, `message_start`) are held until then, or until the stream
+  ends: nobody sees them, and a yield of them alone would keep the consumer (the
+  platform's stream POST) busy when the first token comes, a fraction of a
+  millisecond later. When one read brings many events, the first yield goes after at
+  most `FIRST_BATCH` chunks of it, not after the whole read;
 - after that, whatever arrives while the consumer (the platform's stream POST)
   is busy is coalesced into the next yield, and yields are at most one per
   `flush_interval`, counted from one yield to the next (the consumer's time is
@@ -32,9 +36,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from sse import count_events, event_end
+from sse import StreamKind, count_events, event_end, first_output_end
 
-FIRST_WAIT = 0.002  # seconds
 FIRST_BATCH = 16  # chunks
 
 
@@ -66,8 +69,11 @@ class StreamRelay:
     early (None on a clean end), and `leftover` the bytes of an unfinished event.
     """
 
-    def __init__(self, chunks: AsyncIterator[bytes], pacing: Pacing) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes], pacing: Pacing,
+                 kind: StreamKind = StreamKind.OPENAI) -> None:
         self._chunks = chunks
+        self._kind = kind
+        self._scanned = 0  # the events before this index are preamble
         self._pacing = pacing
         self._buffer = bytearray()
         self._arrived = asyncio.Event()
@@ -103,20 +109,6 @@ class StreamRelay:
             self._finished.set()
             self._arrived.set()
 
-    async def _first_company(self) -> None:
-        """Give a lone first event up to FIRST_WAIT to be joined by the next one."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + FIRST_WAIT
-        while not self._finished.is_set() and count_events(self._buffer) < 2:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                return
-
     async def _pace(self, deadline: float, target: int | None) -> None:
         """Wait until the flush interval is over, the stream ends, or a batch fills."""
         loop = asyncio.get_running_loop()
@@ -148,8 +140,10 @@ class StreamRelay:
                     continue
                 if last_yield is not None:
                     await self._pace(last_yield + self._pacing.flush_interval, target)
-                else:
-                    await self._first_company()
+                elif not self._finished.is_set() and not first_output_end(
+                        self._buffer, self._scanned, self._kind):
+                    self._scanned = end  # whole events, all preamble: held (docstring)
+                    continue
                 end = event_end(self._buffer)
                 if end:
                     text = self._buffer[:end].decode("utf-8", errors="replace")

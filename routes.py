@@ -133,8 +133,8 @@ def allowed_routes() -> str:
     return ", ".join(sorted(UPSTREAM_ROUTES))
 
 
-def resolve_route(route: object) -> tuple[str, str, StreamKind]:
-    """The vLLM path, method and stream kind for a route a job names, or ProxyError(400)."""
+def route_for(route: object) -> tuple[str, str, StreamKind] | None:
+    """The vLLM path, method and stream kind for a path a client names (None: none)."""
     if isinstance(route, str):
         candidate = route.rstrip("/")
         if match := _RESPONSE_BY_ID.match(candidate):
@@ -145,9 +145,34 @@ def resolve_route(route: object) -> tuple[str, str, StreamKind]:
             if path in UPSTREAM_ROUTES:
                 method, kind = UPSTREAM_ROUTES[path]
                 return path, method, kind
+    return None
+
+
+def resolve_route(route: object) -> tuple[str, str, StreamKind]:
+    """The vLLM path, method and stream kind for a route a job names, or ProxyError(400)."""
+    if (found := route_for(route)) is not None:
+        return found
     shown = repr(route)[:120]
     raise ProxyError(400, f"openai_route {shown} is not a route this worker serves; "
                           f"allowed routes: {allowed_routes()}.", "openai_route")
+
+
+def resolve_http(method: str, path: str, model: object, targets: Sequence[Target]
+                 ) -> UpstreamRequest:
+    """The vLLM request for an HTTP request to the load-balancing server (body sent as it
+    came), or ProxyError: 404 for a path not served (vLLM's admin routes above all), 405
+    for the wrong method."""
+    found = route_for(path)
+    if found is None:
+        raise ProxyError(404, f"{path[:120]} is not a route this worker serves; routes: "
+                              f"{allowed_routes()}.", None, "NotFoundError")
+    vllm_path, wanted, kind = found
+    if method != wanted:
+        raise ProxyError(405, f"{vllm_path} takes {wanted}, not {method}.", None,
+                         "MethodNotAllowed")
+    target = pick(targets, model)
+    _check_served(target, vllm_path)
+    return UpstreamRequest(method, vllm_path, None, kind, target)
 
 
 def _plain_body(job_input: dict[str, Any]) -> dict[str, Any]:

@@ -41,12 +41,12 @@ from settings import Settings, SettingsError, load
 from supervisor import (
     DEATH_STOP_GRACE,
     STOP_GRACE,
+    Fleet,
     StartupError,
     Upstream,
     connect,
     exit_reason,
     start_upstreams,
-    stop_all,
     watch,
 )
 
@@ -108,7 +108,8 @@ class Service:
         self.env = env
         self.exit_process = exit_process
         self.state = State.STARTING
-        self.upstreams: list[Upstream] = []
+        self.fleet = Fleet()
+        self.upstreams = self.fleet.upstreams
         self.proxy: Proxy | None = None
         self.in_flight: Callable[[], int] = lambda: self.proxy.in_flight if self.proxy else 0
         self._ending = threading.Lock()
@@ -127,12 +128,11 @@ class Service:
         SettingsError otherwise, with nothing left running)."""
         settings = self.settings
         if settings.vllm_base_url:
-            self.upstreams = [connect(settings.served_model_name, settings.upstream_url,
-                                      settings.startup_timeout)]
+            self.fleet.add(connect(settings.served_model_name, settings.upstream_url,
+                                   settings.startup_timeout))
         else:
             launches = [plan_launch(settings, model, self.env) for model in settings.models]
-            self.upstreams = start_upstreams(launches, settings.startup_timeout,
-                                             settings.secrets)
+            start_upstreams(launches, settings.startup_timeout, self.fleet, settings.secrets)
         self.proxy = make_proxy(settings, self.upstreams)
         if self.state is State.STARTING:
             self.state = State.READY
@@ -207,7 +207,7 @@ class Service:
                 reason = "The worker is stopping; the answer was cut off at its grace period."
                 self.proxy.refuse(reason)
                 self.proxy.close_streams(reason)
-        stop_all(self.upstreams, stop_grace)
+        self.fleet.stop(stop_grace)
         self._wait_idle(FLUSH_SECONDS)
         self.exit_process(code)
 
@@ -225,7 +225,7 @@ class Service:
         if self._ender is not None:
             self._ender.join()
         else:
-            stop_all(self.upstreams)
+            self.fleet.stop()
 
 
 def unwind_on_sigterm() -> None:
@@ -246,10 +246,11 @@ def unwind_on_sigterm() -> None:
 
 
 @contextlib.contextmanager
-def serving(env: Mapping[str, str] = os.environ) -> Iterator[Service]:
+def serving(env: Mapping[str, str] = os.environ, settings: Settings | None = None
+            ) -> Iterator[Service]:
     """A started, supervised Service with signals handled; every vLLM stopped at exit."""
     unwind_on_sigterm()
-    service = Service(load_settings(env), env)
+    service = Service(settings or load_settings(env), env)
     try:
         service.start_or_exit()
         service.supervise()

@@ -93,6 +93,10 @@ class Settings:
     shutdown_grace_period: float
     local_api_key: str | None
     local_max_body_bytes: int
+    port: int | None  # load-balancing mode's, with port_health for /ping
+    port_health: int | None
+    api_key: str | None
+    load_balancing: bool  # serve HTTP on PORT (no job queue) rather than take jobs
     secrets: tuple[str, ...]
     notes: tuple[str, ...] = ()  # one line each: a retired or renamed variable
     warnings: tuple[str, ...] = ()
@@ -279,6 +283,7 @@ def load(env: Mapping[str, str]) -> Settings:
     extra, api_key = _extra_args(env, {**in_file, **flags}, warnings)
     hf_home = value(env, "HF_HOME")
     hub_caches, download = _caches(env, hf_home, notes)
+    port_lb = value(env, "PORT")
     return Settings(
         models=models, hf_home=hf_home, hub_caches=hub_caches, download_cache=download,
         dtype=value(env, "DTYPE"), vllm_port=port, use_vllm_serve=value(env, "USE_VLLM_SERVE"),
@@ -300,5 +305,8 @@ def load(env: Mapping[str, str]) -> Settings:
         shutdown_grace_period=value(env, "SHUTDOWN_GRACE_PERIOD"),
         local_api_key=value(env, "LOCAL_API_KEY"),
         local_max_body_bytes=int(value(env, "LOCAL_MAX_BODY_MB") * (1 << 20)),
+        port=port_lb, port_health=value(env, "PORT_HEALTH") or port_lb,
+        api_key=value(env, "API_KEY"),
+        load_balancing=port_lb is not None and not raw(env, "RUNPOD_WEBHOOK_GET_JOB"),
         secrets=secret_values(env), notes=tuple(notes), warnings=tuple(warnings))
 

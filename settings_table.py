@@ -108,6 +108,7 @@ def _args(name: str, raw: str) -> tuple[str, ...]:
 
 
 POSITIVE = _number(int, "a whole number above 0", lambda v: v > 0)
+PORT = _number(int, "a TCP port between 1 and 65535", lambda v: 0 < v < 65536)
 SECONDS = _number(float, "a number of seconds above 0", lambda v: 0 < v < math.inf)
 FRACTION = _number(float, "a fraction in (0, 1]", lambda v: 0 < v <= 1)
 CONTEXT = _or_auto(_number(_size, "a whole number of tokens above 0 (or 32k, 32K), or auto",
@@ -165,9 +166,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("VLLM_EXTRA_ARGS", None, _args, "More `vllm serve` flags, appended last (split like a "
       "shell would, never run by one; `--host` is refused: vLLM stays on 127.0.0.1).",
       worker_only=True),
-    S("VLLM_PORT", "8000", _number(int, "a TCP port between 1 and 65535",
-                                   lambda v: 0 < v < 65536),
-      "vLLM's port on 127.0.0.1 (the next ones for more models).", worker_only=True),
+    S("VLLM_PORT", "8000", PORT, "vLLM's port on 127.0.0.1 (the next ones for more models).",
+      worker_only=True),
     S("USE_VLLM_SERVE", "false", _bool, "`true`: start `vllm serve`; `false`: "
       "`$VLLM_PYTHON -m vllm.entrypoints.openai.api_server`."),
     S("VLLM_PYTHON", "python3", _text, "The Python that has vLLM (the worker may live in "
@@ -197,7 +197,16 @@ SETTINGS: tuple[Setting, ...] = (
       "`Authorization: Bearer <key>`.", worker_only=True, secret=True),
     S("LOCAL_MAX_BODY_MB", "20", _number(float, "a number of MB above 0",
                                          lambda v: 0 < v <= 1024),
-      "Local endpoint only: the largest request body accepted.", worker_only=True),
+      "The largest request body the local endpoint and the load-balancing server accept.",
+      worker_only=True),
+    S("PORT", None, PORT, "Load-balancing endpoints: the port the worker serves the OpenAI API "
+      "on, on every interface; set, with no job queue (`RUNPOD_WEBHOOK_GET_JOB` unset), it "
+      'makes the worker that server (see "Load-balancing endpoints").', worker_only=True),
+    S("PORT_HEALTH", None, PORT, "Load-balancing endpoints: the port of `GET /ping`.",
+      "`PORT`", worker_only=True),
+    S("API_KEY", None, _text, "Load-balancing mode: when set, every request but `/ping` needs "
+      "`Authorization: Bearer <key>` (for the image run outside Runpod, which checks its own "
+      "key).", worker_only=True, secret=True),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 

@@ -257,28 +257,50 @@ def connect(name: str, base_url: str, timeout: float) -> Upstream:
     return Upstream(discover_routes(Target(name, base_url)))
 
 
-def start_upstreams(launches: Sequence[Launch], timeout: float,
+class Fleet:
+    """The vLLM servers of one worker, as they are started. `stop` may come from another
+    thread at any time (SIGTERM while vLLM loads): no child is started after it."""
+
+    def __init__(self) -> None:
+        self.upstreams: list[Upstream] = []
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def add(self, upstream: Upstream) -> None:
+        """Take `upstream` and start its child, unless the fleet was stopped already."""
+        with self._lock:
+            if self._stopped:
+                raise StartupError("The worker was told to stop while vLLM was starting.")
+            self.upstreams.append(upstream)
+            if upstream.child is not None:
+                upstream.child.start()
+
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        with self._lock:
+            self._stopped = True
+        stop_all(self.upstreams, grace)
+
+
+def start_upstreams(launches: Sequence[Launch], timeout: float, fleet: Fleet,
                     secrets: Sequence[str] = ()) -> list[Upstream]:
-    """Every planned vLLM started at once and healthy; StartupError otherwise, with every
-    child stopped (also when interrupted, e.g. by SIGTERM while loading)."""
-    upstreams: list[Upstream] = []
+    """Every planned vLLM started at once into `fleet`, and healthy; StartupError otherwise,
+    with every child stopped (also when interrupted, e.g. by SIGTERM while loading)."""
     try:
         for launch in launches:
             for reason in launch.reasons:
                 log.info("%s", reason)
             log.info("Starting vLLM for %s: %s", launch.model.served_name,
                      show(launch.argv, secrets))
-            child = VllmChild(launch.argv, launch.env)
-            upstreams.append(Upstream(Target(launch.model.served_name, launch.base_url), child))
-            child.start()
-        for upstream in upstreams:  # they load in parallel: waiting in turn costs nothing
+            fleet.add(Upstream(Target(launch.model.served_name, launch.base_url),
+                               VllmChild(launch.argv, launch.env)))
+        for upstream in fleet.upstreams:  # they load in parallel: waiting in turn costs nothing
             took = wait_healthy(upstream.target.base_url, timeout, upstream.child)
             upstream.target = discover_routes(upstream.target)
             log.info("vLLM for %s is healthy after %.1f s", upstream.target.name, took)
     except BaseException:
-        stop_all(upstreams, grace=5)
+        fleet.stop(grace=5)
         raise
-    return upstreams
+    return fleet.upstreams
 
 
 def discover_routes(target: Target) -> Target:

@@ -6,26 +6,20 @@ tests."""
 from __future__ import annotations
 
 import collections
-import contextlib
-import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from pytest_httpserver import HTTPServer
 
 from fakes.platform import Platform
 from fakes.vllm import free_port
 from proxy import Proxy
-from real_vllm import LOCAL_KEY, REPO, RealEndpoint, vllm_processes
+from real_vllm import LOCAL_KEY, REPO, RealEndpoint, health_200, make_target, ping_200
 from relay import Pacing
-from supervisor import group_members
 from support import SERVED, StandIn, proxy_to
 from workers import Worker, kill_worker, start_worker
 
@@ -56,44 +50,25 @@ def proxy(fake_vllm: HTTPServer) -> Proxy:
 def real_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEndpoint]:
     """`make run`, as the README says, started once per session (vLLM loads in about a
     minute on two cores); stopped with SIGTERM at the end, leaving no vLLM process."""
-    tmp = tmp_path_factory.mktemp("real-endpoint")
-    port, vllm_port = free_port(), free_port()
-    env = {**os.environ, "VLLM_PORT": str(vllm_port), "HF_HOME": str(tmp / "hf"),
-           "HF_HUB_OFFLINE": "1", "LOCAL_API_KEY": LOCAL_KEY, "MAX_MODEL_LEN": "32768",
-           "MAX_NUM_SEQS": "8", "ENABLE_PREFIX_CACHING": "false",  # flags by their names
-           "VLLM_STARTUP_TIMEOUT": "400", "HF_TOKEN": "hf_e2e_secret_token_value"}
-    log = tmp / "endpoint.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(["make", "-s", "run", f"PORT={port}"], cwd=REPO, env=env,
-                                   stdout=sink, stderr=subprocess.STDOUT, process_group=0)
-    endpoint = RealEndpoint(f"http://127.0.0.1:{port}/v2/local", LOCAL_KEY,
-                            f"http://127.0.0.1:{vllm_port}", "tiny-chat", log, process)
-    try:
-        deadline = time.monotonic() + 900
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"`make run` exited ({process.returncode}):\n"
-                            f"{endpoint.log_text()[-4000:]}")
-            try:
-                if httpx.get(f"{endpoint.url}/health", headers=endpoint.headers).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"The local endpoint did not start:\n{endpoint.log_text()[-4000:]}")
-            time.sleep(0.5)
-        yield endpoint
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # `make run` may have exited already
-            os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 60
-        while group_members(process.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        process.wait()
-        leftovers = group_members(process.pid) + vllm_processes(vllm_port)
-        for pid in leftovers:
-            os.kill(pid, signal.SIGKILL)
-        assert not leftovers, f"processes left after SIGTERM: {leftovers}"
+    with make_target("run", tmp_path_factory.mktemp("real-endpoint"), "local", health_200,
+                     LOCAL_API_KEY=LOCAL_KEY) as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def real_lb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEndpoint]:
+    """`make run-lb`, as the README says: the load-balancing server in front of its own real
+    vLLM, once per session; test_e2e_lb.py ends it last, with SIGTERM during streams."""
+    with make_target("run-lb", tmp_path_factory.mktemp("real-lb"), "lb", ping_200,
+                     API_KEY=LOCAL_KEY, SHUTDOWN_GRACE_PERIOD="3") as served:
+        yield served
+
+
+@pytest.fixture(scope="session", params=["local", "lb"])
+def served(request: pytest.FixtureRequest) -> RealEndpoint:
+    """Each server clients talk to, in front of a real vLLM: the local endpoint's OpenAI
+    path, and the load-balancing server."""
+    return request.getfixturevalue("real_endpoint" if request.param == "local" else "real_lb")
 
 
 @pytest.fixture(scope="session")

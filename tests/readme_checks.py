@@ -78,3 +78,15 @@ SETTINGS_EXAMPLES: dict[str, Callable[[str], None]] = {
     "settings-flags": flags_by_variable,
     "settings-worker-vllm": worker_vllm_names,
 }
+
+
+def lb_chat(out: str) -> None:
+    answer = json.loads(out)
+    assert answer["object"] == "chat.completion" and answer["model"] == "tiny-chat"
+
+
+# Run against the load-balancing server (test_e2e_lb.py).
+LB_EXAMPLES: dict[str, Callable[[str], None]] = {
+    "lb-curl-chat": lb_chat,
+    "lb-openai-client": printed_text,
+}

@@ -1,14 +1,23 @@
 """The real vLLM (CPU build) for the end-to-end tests: its environment, its processes, and
-the local endpoint in front of it as `make run` starts it."""
+the worker's servers in front of it as `make run` (the local endpoint) and `make run-lb`
+(the load-balancing server) start them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
+
+from fakes.vllm import free_port
+from supervisor import group_members
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,18 +27,30 @@ LOCAL_KEY = "local-test-key-0123"
 
 @dataclass
 class RealEndpoint:
-    """The local endpoint in front of a real vLLM (CPU build) serving the tiny model."""
+    """A server of the worker's (`kind`: the local endpoint, or the load-balancing server)
+    in front of a real vLLM (CPU build) serving the tiny model."""
 
-    url: str
+    url: str  # the local endpoint's /v2/<id> base, or the load-balancing server's root
     api_key: str
     vllm_url: str
     model: str
     log: Path
     process: subprocess.Popen[bytes]
+    kind: str = "local"
+    pings: list[int | None] = field(default_factory=list)  # what /ping said while starting
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
+
+    @property
+    def openai_base(self) -> str:
+        """The base URL OpenAI clients are given."""
+        return f"{self.url}/openai/v1" if self.kind == "local" else f"{self.url}/v1"
+
+    @property
+    def anthropic_base(self) -> str:
+        return f"{self.url}/openai" if self.kind == "local" else self.url
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -55,3 +76,68 @@ def vllm_processes(port: int) -> list[int]:
         if b"--port" in argv and str(port).encode() in argv and b"vllm" in b" ".join(argv):
             found.append(int(entry))
     return found
+
+
+def real_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """What the end-to-end servers run with: the tiny model offline with the Makefile's
+    defaults (its context long enough for OpenWebUI's built-in tools), some vLLM flags by
+    their names, a secret to keep."""
+    return {**os.environ, "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1",
+            "MAX_NUM_SEQS": "8", "ENABLE_PREFIX_CACHING": "false",
+            "VLLM_STARTUP_TIMEOUT": "400", "HF_TOKEN": "hf_e2e_secret_token_value", **extra}
+
+
+@contextlib.contextmanager
+def make_target(target: str, tmp: Path, kind: str, ready: Callable[[RealEndpoint], bool],
+                **env: str) -> Iterator[RealEndpoint]:
+    """`make <target>` in its own process group until `ready`; on exit SIGTERM, and every
+    process of it, vLLM's included, must be gone."""
+    port, vllm_port = free_port(), free_port()
+    log = tmp / f"{target}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            ["make", "-s", target, f"PORT={port}"], cwd=REPO, stdout=sink,
+            stderr=subprocess.STDOUT, process_group=0,
+            env=real_env(tmp, VLLM_PORT=str(vllm_port), **env))
+    url = f"http://127.0.0.1:{port}" + ("/v2/local" if kind == "local" else "")
+    served = RealEndpoint(url, LOCAL_KEY, f"http://127.0.0.1:{vllm_port}", "tiny-chat", log,
+                          process, kind)
+    try:
+        deadline = time.monotonic() + 900
+        while not ready(served):
+            if process.poll() is not None:
+                pytest.fail(f"`make {target}` exited ({process.returncode}):\n"
+                            f"{served.log_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"`make {target}` did not start:\n{served.log_text()[-4000:]}")
+            time.sleep(0.5)
+        yield served
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # it may have exited already
+            os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while group_members(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.wait()
+        leftovers = group_members(process.pid) + vllm_processes(vllm_port)
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+        assert not leftovers, f"processes left after SIGTERM: {leftovers}"
+
+
+def health_200(served: RealEndpoint) -> bool:
+    """The local endpoint answers its /health (it listens once vLLM is healthy)."""
+    try:
+        return httpx.get(f"{served.url}/health", headers=served.headers).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def ping_200(served: RealEndpoint) -> bool:
+    """The load-balancing server's /ping says 200, remembering what it said before."""
+    try:
+        status: int | None = httpx.get(f"{served.url}/ping", timeout=5).status_code
+    except httpx.TransportError:
+        status = None
+    served.pings.append(status)
+    return status == 200

@@ -80,11 +80,18 @@ def readme_examples() -> dict[str, tuple[str, str]]:
     return {name: (language, code) for language, name, code in EXAMPLE.findall(text)}
 
 
+# A load-balancing endpoint's URL, as the README's shell and Python examples spell it.
+DEPLOYED_LB = ("https://$ENDPOINT_ID.api.runpod.ai", "https://{os.environ['ENDPOINT_ID']}.api.runpod.ai")
+
+
 def run_readme_example(name: str, endpoint_url: str, api_key: str) -> str:
-    """Run one README example against `endpoint_url` (…/v2/local); its standard output."""
+    """Run one README example against `endpoint_url` (a local endpoint's …/v2/local, or a
+    load-balancing server's root); its standard output."""
     language, code = readme_examples()[name]
     local_base = endpoint_url.removesuffix("/local") + "/"
     code = code.replace(DEPLOYED, local_base)
+    for deployed in DEPLOYED_LB:
+        code = code.replace(deployed, endpoint_url)
     command = ["bash", "-euo", "pipefail", "-c", code] if language == "sh" \
         else [sys.executable, "-c", code]
     env = {**os.environ, "ENDPOINT_ID": "local", "RUNPOD_API_KEY": api_key,

@@ -1,5 +1,6 @@
-"""End to end: the real openai/anthropic clients and OpenWebUI's calls, through the local
-endpoint, to a real vLLM (CPU build) serving the tiny model the project builds."""
+"""End to end: the real openai/anthropic clients and OpenWebUI's calls, through each server
+clients talk to (the local endpoint's OpenAI path, and the load-balancing server), to a
+real vLLM (CPU build) serving the tiny model the project builds."""
 
 from __future__ import annotations
 
@@ -21,29 +22,28 @@ from real_vllm import REPO, RealEndpoint
 HELLO = [{"role": "user", "content": "Hello there"}]
 
 
-@pytest.fixture(scope="module")
-def client(real_endpoint: RealEndpoint) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{real_endpoint.url}/openai/v1",
-                         api_key=real_endpoint.api_key, max_retries=0)
+@pytest.fixture
+def client(served: RealEndpoint) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.openai_base, api_key=served.api_key, max_retries=0)
 
 
-def test_models_list_names_the_served_model(client: openai.OpenAI, real_endpoint: RealEndpoint
+def test_models_list_names_the_served_model(client: openai.OpenAI, served: RealEndpoint
                                             ) -> None:
-    assert [model.id for model in client.models.list()] == [real_endpoint.model]
+    assert [model.id for model in client.models.list()] == [served.model]
 
 
-def test_chat_completion_without_streaming(client: openai.OpenAI, real_endpoint: RealEndpoint
+def test_chat_completion_without_streaming(client: openai.OpenAI, served: RealEndpoint
                                            ) -> None:
-    answer = client.chat.completions.create(model=real_endpoint.model, messages=HELLO,
+    answer = client.chat.completions.create(model=served.model, messages=HELLO,
                                             max_tokens=8)
     assert answer.object == "chat.completion"
     assert isinstance(answer.choices[0].message.content, str)
     assert answer.usage is not None and 0 < answer.usage.completion_tokens <= 8
 
 
-def test_chat_stream_with_usage_chunk(client: openai.OpenAI, real_endpoint: RealEndpoint) -> None:
+def test_chat_stream_with_usage_chunk(client: openai.OpenAI, served: RealEndpoint) -> None:
     chunks = list(client.chat.completions.create(
-        model=real_endpoint.model, messages=HELLO, max_tokens=8, stream=True,
+        model=served.model, messages=HELLO, max_tokens=8, stream=True,
         stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
@@ -51,25 +51,25 @@ def test_chat_stream_with_usage_chunk(client: openai.OpenAI, real_endpoint: Real
     assert any(c.choices and c.choices[0].finish_reason for c in chunks)
 
 
-def test_completions(client: openai.OpenAI, real_endpoint: RealEndpoint) -> None:
-    answer = client.completions.create(model=real_endpoint.model, prompt="Once upon",
+def test_completions(client: openai.OpenAI, served: RealEndpoint) -> None:
+    answer = client.completions.create(model=served.model, prompt="Once upon",
                                        max_tokens=5)
     assert answer.object == "text_completion" and isinstance(answer.choices[0].text, str)
     assert answer.usage is not None and answer.usage.completion_tokens == 5
 
 
 def test_responses_without_and_with_streaming(client: openai.OpenAI,
-                                              real_endpoint: RealEndpoint) -> None:
-    whole = client.responses.create(model=real_endpoint.model, input="Hi", max_output_tokens=8)
+                                              served: RealEndpoint) -> None:
+    whole = client.responses.create(model=served.model, input="Hi", max_output_tokens=8)
     assert whole.object == "response" and whole.output
     events = [event.type for event in client.responses.create(
-        model=real_endpoint.model, input="Hi", max_output_tokens=8, stream=True)]
+        model=served.model, input="Hi", max_output_tokens=8, stream=True)]
     assert events[0] == "response.created" and events[-1] == "response.completed"
 
 
 def test_responses_stream_helper_reaches_completed(client: openai.OpenAI,
-                                                   real_endpoint: RealEndpoint) -> None:
-    with client.responses.stream(model=real_endpoint.model, input="Hi",
+                                                   served: RealEndpoint) -> None:
+    with client.responses.stream(model=served.model, input="Hi",
                                  max_output_tokens=8) as stream:
         kinds = [event.type for event in stream]
         final = stream.get_final_response()
@@ -83,18 +83,18 @@ def test_unknown_model_is_the_clients_not_found_error(client: openai.OpenAI) -> 
 
 
 def test_bad_body_is_the_clients_bad_request_error(client: openai.OpenAI,
-                                                   real_endpoint: RealEndpoint) -> None:
+                                                   served: RealEndpoint) -> None:
     with pytest.raises(openai.BadRequestError) as failure:
-        client.chat.completions.create(model=real_endpoint.model, messages=HELLO, max_tokens=-3)
+        client.chat.completions.create(model=served.model, messages=HELLO, max_tokens=-3)
     assert failure.value.status_code == 400 and "max_tokens" in failure.value.message
 
 
-def test_anthropic_messages_through_the_same_base(real_endpoint: RealEndpoint) -> None:
-    claude = anthropic.Anthropic(base_url=f"{real_endpoint.url}/openai",
-                                 api_key=real_endpoint.api_key, max_retries=0)
-    message = claude.messages.create(model=real_endpoint.model, max_tokens=8, messages=HELLO)
+def test_anthropic_messages_through_the_same_base(served: RealEndpoint) -> None:
+    claude = anthropic.Anthropic(base_url=served.anthropic_base,
+                                 api_key=served.api_key, max_retries=0)
+    message = claude.messages.create(model=served.model, max_tokens=8, messages=HELLO)
     assert message.type == "message" and message.usage.output_tokens > 0
-    with claude.messages.stream(model=real_endpoint.model, max_tokens=8,
+    with claude.messages.stream(model=served.model, max_tokens=8,
                                 messages=HELLO) as stream:
         kinds = [event.type for event in stream]
         final = stream.get_final_message()
@@ -142,28 +142,28 @@ def test_cancel_stops_the_generation_in_vllm(real_endpoint: RealEndpoint) -> Non
     assert_generation_stopped(real_endpoint, before)
 
 
-def test_a_client_that_leaves_mid_stream_stops_the_generation(real_endpoint: RealEndpoint
-                                                               ) -> None:
-    before = metric(real_endpoint, "generation_tokens_total")
-    with httpx.stream("POST", f"{real_endpoint.url}/openai/v1/chat/completions",
-                      headers=real_endpoint.headers, json=LONG, timeout=60) as answer:
+def test_a_client_that_leaves_mid_stream_stops_the_generation(served: RealEndpoint) -> None:
+    before = metric(served, "generation_tokens_total")
+    with httpx.stream("POST", f"{served.openai_base}/chat/completions",
+                      headers=served.headers, json={"model": served.model, **LONG},
+                      timeout=60) as answer:
         assert answer.headers["content-type"].startswith("text/event-stream")
         chunks = answer.iter_bytes()
         next(chunks)
-        assert wait_for(lambda: running_requests(real_endpoint) >= 1)
-    assert_generation_stopped(real_endpoint, before)
+        assert wait_for(lambda: running_requests(served) >= 1)
+    assert_generation_stopped(served, before)
 
 
 OPENWEBUI_HEADERS = {"Content-Type": "application/json", "Accept": "*/*",
                      "Accept-Encoding": "gzip, deflate, br"}
 
 
-def test_openwebui_model_list_chat_stream_and_title_call(real_endpoint: RealEndpoint) -> None:
-    headers = {**OPENWEBUI_HEADERS, **real_endpoint.headers}
-    base = f"{real_endpoint.url}/openai/v1"
+def test_openwebui_model_list_chat_stream_and_title_call(served: RealEndpoint) -> None:
+    headers = {**OPENWEBUI_HEADERS, **served.headers}
+    base = served.openai_base
     models = httpx.get(f"{base}/models", headers=headers, timeout=10).json()
-    assert [m["id"] for m in models["data"]] == [real_endpoint.model]
-    chat = {"stream": True, "model": real_endpoint.model, "messages": HELLO, "max_tokens": 16,
+    assert [m["id"] for m in models["data"]] == [served.model]
+    chat = {"stream": True, "model": served.model, "messages": HELLO, "max_tokens": 16,
             "stream_options": {"include_usage": True}, "reasoning_effort": "low",
             "metadata_from_ui": {"chat_id": "abc"}}
     with httpx.stream("POST", f"{base}/chat/completions", headers=headers, json=chat) as answer:
@@ -174,7 +174,7 @@ def test_openwebui_model_list_chat_stream_and_title_call(real_endpoint: RealEndp
     assert json.loads(lines[-2].removeprefix("data: "))["usage"]["completion_tokens"] > 0
     title_prompt = "Generate a concise title for this chat. " + "The history goes here. " * 100
     title = httpx.post(f"{base}/chat/completions", headers=headers, timeout=60, json={
-        "stream": False, "model": real_endpoint.model, "max_tokens": 1000,
+        "stream": False, "model": served.model, "max_tokens": 1000,
         "messages": [{"role": "user", "content": title_prompt}]})
     assert title.status_code == 200 and title.json()["object"] == "chat.completion"
 
@@ -186,22 +186,22 @@ def openwebui_tool(i: int) -> dict[str, object]:
                        "required": ["query"]}}}
 
 
-def test_openwebuis_default_chat_with_thirty_tools_streams(real_endpoint: RealEndpoint) -> None:
+def test_openwebuis_default_chat_with_thirty_tools_streams(served: RealEndpoint) -> None:
     """OpenWebUI adds its built-in tools, without tool_choice, to every chat by default."""
-    body = {"stream": True, "model": real_endpoint.model, "messages": HELLO, "max_tokens": 16,
+    body = {"stream": True, "model": served.model, "messages": HELLO, "max_tokens": 16,
             "tools": [openwebui_tool(i) for i in range(30)]}
-    with httpx.stream("POST", f"{real_endpoint.url}/openai/v1/chat/completions", json=body,
-                      headers={**OPENWEBUI_HEADERS, **real_endpoint.headers},
+    with httpx.stream("POST", f"{served.openai_base}/chat/completions", json=body,
+                      headers={**OPENWEBUI_HEADERS, **served.headers},
                       timeout=120) as answer:
         assert answer.status_code == 200, answer.read()
         assert "text/event-stream" in answer.headers["content-type"]
         lines = [line for line in answer.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
-    assert "--tool-call-parser hermes" in real_endpoint.log_text()
+    assert "--tool-call-parser hermes" in served.log_text()
 
 
-def test_vllm_listens_on_loopback_only(real_endpoint: RealEndpoint) -> None:
-    port = int(real_endpoint.vllm_url.rsplit(":", 1)[1])
+def test_vllm_listens_on_loopback_only(served: RealEndpoint) -> None:
+    port = int(served.vllm_url.rsplit(":", 1)[1])
     listening = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as rows:
@@ -212,17 +212,17 @@ def test_vllm_listens_on_loopback_only(real_endpoint: RealEndpoint) -> None:
     assert listening == ["0100007F"], listening
 
 
-def test_no_secret_reaches_the_log(real_endpoint: RealEndpoint) -> None:
-    text = real_endpoint.log_text()
+def test_no_secret_reaches_the_log(served: RealEndpoint) -> None:
+    text = served.log_text()
     assert "[vllm]" in text  # the child's own lines are in the log too
-    assert "hf_e2e_secret_token_value" not in text and real_endpoint.api_key not in text
+    assert "hf_e2e_secret_token_value" not in text and served.api_key not in text
 
 
 def test_vllm_flags_set_by_their_variables_are_what_vllm_reports_about_itself(
-        real_endpoint: RealEndpoint) -> None:
+        served: RealEndpoint) -> None:
     """MAX_NUM_SEQS, ENABLE_PREFIX_CACHING and (from the Makefile) ENABLE_CHUNKED_PREFILL,
     as vLLM's own start-up lines state them."""
-    lines = real_endpoint.log_text().splitlines()
+    lines = served.log_text().splitlines()
     given = next(line for line in lines if "non-default args:" in line)
     assert "'max_num_seqs': 8" in given
     assert "'enable_prefix_caching': False" in given

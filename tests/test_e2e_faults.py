@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fakes.platform import Platform
@@ -172,5 +173,41 @@ def test_real_vllm_refusing_a_mistyped_secret_flag_is_reported_without_the_secre
         assert secret not in log
         assert vllm_processes(port) == [] and group_members(worker.proc.pid) == []
         assert platform.takes == 0
+    finally:
+        kill_worker(worker)
+
+
+def test_real_vllm_killed_mid_stream_of_the_load_balancing_server(tmp_path: Path) -> None:
+    """The client gets an in-band error, /ping stops saying 200, the worker exits non-zero,
+    and nothing of vLLM is left."""
+    port, vllm_port = free_port(), free_port()
+    worker = start_worker(tmp_path, None, PORT=str(port), **real_vllm_env(vllm_port))
+    url = f"http://127.0.0.1:{port}"
+
+    def ping() -> int | None:
+        try:
+            return httpx.get(f"{url}/ping", timeout=5).status_code
+        except httpx.TransportError:
+            return None
+
+    try:
+        wait_until(lambda: ping() == 200, 900, "/ping 200", worker)
+        body = {"model": "tiny-chat", "messages": HELLO, "max_tokens": 30000,
+                "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body,
+                          timeout=60) as answer:
+            chunks = answer.iter_raw()
+            first = next(chunks)
+            leader = vllm_leader(vllm_port)
+            os.killpg(leader, signal.SIGKILL)
+            text = (first + b"".join(chunks)).decode()
+            after = ping()
+        events = sse_data(text)
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == 503 and "SIGKILL" in error["message"]
+        assert after != 200
+        assert worker.exit_code(timeout=30) != 0
+        assert vllm_processes(vllm_port) == [] and group_members(worker.proc.pid) == []
     finally:
         kill_worker(worker)

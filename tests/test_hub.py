@@ -35,6 +35,10 @@ LEFT_OUT = {
     "HUGGINGFACE_HUB_CACHE": "the older spelling of HF_HUB_CACHE",
     "BASE_PATH": "worker-vllm's storage folder, read for those who come with it; HF_HOME "
                  "is this worker's",
+    "PORT": "load-balancing endpoints only, set with the port they expose; the Hub listing "
+            "deploys a queue endpoint",
+    "PORT_HEALTH": "the same",
+    "API_KEY": "for the image run outside Runpod, which checks its own key",
 }
 # Besides the worker's own settings, the Hub form may offer any vLLM flag by its variable.
 FLAG_VARIABLES = set(BY_VARIABLE) | set(ALIASES)

@@ -9,7 +9,7 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 # Bottom to top; a module may import from its own layer or any layer below, never above.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "masking", "vllm_flags"),
+    ("errors", "masking", "vllm_flags", "http_limits"),
     ("sse", "settings_table", "model_locator", "model_info"),
     ("env_names", "config_file"),
     ("settings",),
@@ -17,7 +17,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("routes", "launch_plan"),
     ("supervisor", "proxy", "preflight"),
     ("serving",),
-    ("handler", "local_jobs", "diagnostic"),
+    ("lb_endpoint", "local_jobs", "diagnostic"),
+    ("handler",),
     ("local_endpoint", "test_vllm_command"),
 )
 LAYER = {module: index for index, names in enumerate(LAYERS) for module in names}

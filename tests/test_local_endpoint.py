@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,9 +15,14 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
+from fakes.vllm import free_port
 from proxy import Proxy
 from relay import Pacing
+from supervisor import group_members
 from support import SERVED, LocalEndpoint, proxy_to
+from workers import CHAT as ASK
+from workers import SERVED as TINY
+from workers import Worker, kill_worker, sse_data, start_worker, wait_until
 
 
 def fake_proxy(fake_vllm: HTTPServer) -> Proxy:
@@ -218,3 +225,64 @@ def test_bodies_over_the_limit_are_refused_with_413(fake_vllm: HTTPServer) -> No
 def test_malformed_requests_get_400(endpoint: LocalEndpoint, body: bytes, words: str) -> None:
     answer = httpx.post(f"{endpoint.url}/runsync", content=body)
     assert answer.status_code == 400 and words in answer.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("wait", ["abc", "nan", "0x10", "", "-5", "999", "300001"])
+def test_a_bad_runsync_wait_is_a_400_before_any_job_is_made(
+        fake_vllm: HTTPServer, endpoint: LocalEndpoint, wait: str) -> None:
+    answer = httpx.post(f"{endpoint.url}/runsync", params={"wait": wait},
+                        json={"input": {"messages": []}})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "wait"
+    assert "1000 to 300000" in answer.json()["error"]["message"]
+    assert endpoint.jobs is not None and endpoint.jobs.counts()["completed"] == 0
+    assert fake_vllm.log == []
+
+
+def test_a_runsync_wait_in_range_is_taken(fake_vllm: HTTPServer, endpoint: LocalEndpoint) -> None:
+    fake_vllm.expect_request("/v1/chat/completions").respond_with_json({"ok": True})
+    answer = httpx.post(f"{endpoint.url}/runsync", params={"wait": "1000"},
+                        json={"input": {"messages": []}})
+    assert answer.status_code == 200 and answer.json()["output"] == [{"ok": True}]
+
+
+@pytest.fixture
+def endpoint_process(tmp_path: Path) -> Iterator[tuple[Worker, str]]:
+    """`python local_endpoint.py` as `make run` starts it, the stand-in vLLM its child."""
+    port = free_port()
+    worker = start_worker(tmp_path, None, "local_endpoint.py", "--port", str(port),
+                          FAKE_VLLM_TOKEN_DELAY="0.05", SHUTDOWN_GRACE_PERIOD="1")
+    url = f"http://127.0.0.1:{port}/v2/local"
+    try:
+        wait_until(lambda: "Local endpoint ready" in worker.log(), 30, "the endpoint", worker)
+        yield worker, url
+    finally:
+        kill_worker(worker)
+
+
+def test_sigterm_gives_work_one_grace_period_then_ends_open_streams_in_band(
+        endpoint_process: tuple[Worker, str]) -> None:
+    """One grace period in total: streams still open at its end get an error event and
+    [DONE]; a /run job that finished meanwhile can still be fetched; nothing is left."""
+    worker, url = endpoint_process
+    vllm = worker.vllm_pid()
+    quick = httpx.post(f"{url}/run", json={"input": {**ASK, "max_tokens": 4}}).json()
+    body = {**ASK, "model": TINY, "max_tokens": 2000, "stream": True}
+    with httpx.stream("POST", f"{url}/openai/v1/chat/completions", json=body,
+                      timeout=30) as answer:
+        chunks = answer.iter_raw()
+        first = next(chunks)
+        worker.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        refused = httpx.post(f"{url}/run", json={"input": ASK})
+        done = httpx.get(f"{url}/status/{quick['id']}").json()
+        text = (first + b"".join(chunks)).decode()
+        took = time.monotonic() - signalled
+    events = sse_data(text)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == 503 and "grace period" in error["message"]
+    assert 1 <= took < 4, "one grace period, not two"
+    assert refused.status_code == 503 and done["status"] == "COMPLETED"
+    assert worker.exit_code(timeout=15) == 0
+    assert group_members(vllm) == [] and group_members(worker.proc.pid) == []

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 import figures
-from readme_checks import CHECKS, EMBEDDING_EXAMPLES, SETTINGS_EXAMPLES
+from readme_checks import CHECKS, EMBEDDING_EXAMPLES, LB_EXAMPLES, SETTINGS_EXAMPLES
 from real_vllm import REPO, RealEndpoint
 from support import readme_examples, run_readme_example
 
 
 def test_every_readme_example_is_checked() -> None:
     assert set(readme_examples()) == set(CHECKS) | set(EMBEDDING_EXAMPLES) | set(
-        SETTINGS_EXAMPLES)
+        SETTINGS_EXAMPLES) | set(LB_EXAMPLES)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))

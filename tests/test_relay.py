@@ -11,6 +11,7 @@ import pytest
 
 import relay
 from relay import Pacing, StreamRelay
+from sse import StreamKind
 
 
 def chat_events(n: int, text: str = "héllo 世界 🙂") -> bytes:
@@ -99,25 +100,74 @@ def test_first_event_is_yielded_before_the_upstream_sends_more() -> None:
     asyncio.run(scenario())
 
 
-def test_a_role_chunk_and_the_first_token_written_apart_go_out_together(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    # vLLM writes them separately; a wide FIRST_WAIT makes the test independent of timing.
-    monkeypatch.setattr(relay, "FIRST_WAIT", 30)
+ROLE = ('data: {"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":""},'
+        '"logprobs":null,"finish_reason":null}]}\n\n')
+TOKEN = 'data: {"id":"c","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\n\n'
+
+
+def test_a_role_chunk_waits_for_the_first_token_however_late_it_comes() -> None:
+    """vLLM writes them apart; the role chunk alone shows nothing and would keep the
+    platform's post busy when the token comes."""
 
     async def scenario() -> None:
         source = Source()
         stream = StreamRelay(aiter(source), Pacing(flush_interval=60)).__aiter__()
-        source.send(b'data: {"role": "assistant"}\n\n')
+        source.send(ROLE.encode())
         first = asyncio.ensure_future(anext(stream))
-        await asyncio.sleep(0.05)
+        for _ in range(20):  # the relay has seen the role chunk and holds it
+            await asyncio.sleep(0)
         assert not first.done()
-        source.send(b'data: {"content": "Hi"}\n\n')
-        assert await asyncio.wait_for(first, 5) == (
-            'data: {"role": "assistant"}\n\ndata: {"content": "Hi"}\n\n')
+        source.send(TOKEN.encode())
+        assert await asyncio.wait_for(first, 5) == ROLE + TOKEN, "at once, not after 60 s"
         source.end()
         assert [text async for text in stream] == []
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("kind", "preamble", "output"), [
+    (StreamKind.RESPONSES,
+     "event: response.created\ndata: {}\n\nevent: response.in_progress\ndata: {}\n\n"
+     "event: response.output_item.added\ndata: {}\n\n"
+     "event: response.content_part.added\ndata: {}\n\n",
+     'event: response.output_text.delta\ndata: {"delta": "Hi"}\n\n'),
+    (StreamKind.MESSAGES,
+     "event: message_start\ndata: {}\n\nevent: content_block_start\ndata: {}\n\n"
+     "event: ping\ndata: {}\n\n",
+     'event: content_block_delta\ndata: {"delta": {"text": "Hi"}}\n\n'),
+    (StreamKind.OPENAI, ROLE,
+     'data: {"choices":[{"index":0,"delta":{"reasoning":"Hm"},"finish_reason":null}]}\n\n'),
+    (StreamKind.OPENAI, ROLE,
+     'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"id":"t"}]}}]}\n\n'),
+    (StreamKind.OPENAI, "", 'data: {"choices":[{"index":0,"text":"Once"}]}\n\n'),
+])
+def test_the_first_output_of_every_stream_kind_goes_out_with_all_before_it(
+        kind: StreamKind, preamble: str, output: str) -> None:
+    async def scenario() -> list[str]:
+        source = Source()
+        stream = StreamRelay(aiter(source), Pacing(flush_interval=60), kind).__aiter__()
+        for event in preamble.split("\n\n")[:-1]:
+            source.send(f"{event}\n\n".encode())
+        first = asyncio.ensure_future(anext(stream))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        held = not first.done()
+        source.send(output.encode())
+        got = [await asyncio.wait_for(first, 5)]
+        source.end()
+        return [str(held), *got, *[text async for text in stream]]
+
+    assert asyncio.run(scenario()) == ["True", preamble + output]
+
+
+def test_a_stream_with_no_output_still_ends_whole() -> None:
+    async def scenario() -> list[str]:
+        source = Source()
+        source.send(ROLE.encode())
+        source.end()
+        return await collect(StreamRelay(aiter(source), Pacing(flush_interval=60)))
+
+    assert asyncio.run(scenario()) == [ROLE]
 
 
 def test_a_large_first_read_is_not_parsed_whole_before_the_first_yield() -> None:

@@ -16,6 +16,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -320,3 +321,14 @@ def test_settings_treat_every_key_token_secret_and_password_variable_as_secret(
         secrets: dict[str, str]) -> None:
     """The masking everything above relies on starts here."""
     assert set(load(secrets).secrets) == set(secrets.values())
+
+
+def test_the_local_endpoint_refuses_a_huge_request_head_at_once(
+        tmp_path: Path, vllm_for_endpoint: HTTPServer) -> None:
+    """It used to read a 120 MB header whole, stalling; now the head is bounded (the
+    other limits, shared with the load-balancing server, are in test_http_limits.py)."""
+    with endpoint_process(tmp_path, vllm_for_endpoint, {}) as (port, _), \
+            socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /v2/x/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20))
+        reply = sock.recv(4096)  # the rest of the head was read and dropped
+    assert reply.startswith(b"HTTP/1.1 431 ")

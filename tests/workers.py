@@ -93,8 +93,11 @@ def model_folder(directory: Path) -> Path:
     return folder
 
 
-def start_worker(directory: Path, platform: Platform, **overrides: str) -> Worker:
-    """`python handler.py` in its own process group, with its output in worker.log."""
+def start_worker(directory: Path, platform: Platform | None, *command: str,
+                 **overrides: str) -> Worker:
+    """`python handler.py` in its own process group, with its output in worker.log: a queue
+    worker under `platform`, or with none (and PORT among the overrides) a load-balancing
+    one; or another `command` of the project's (the local endpoint) the same way."""
     directory.mkdir(parents=True, exist_ok=True)
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -111,11 +114,11 @@ def start_worker(directory: Path, platform: Platform, **overrides: str) -> Worke
         "VLLM_STARTUP_TIMEOUT": "30",
         "FAKE_VLLM_PID_FILE": str(directory / "vllm.pid"),
         "FAKE_VLLM_RECORD": str(directory / "vllm-requests.jsonl"),
-        **platform.env(),
+        **(platform.env() if platform is not None else {}),
         **overrides,
     }
     log_file = (directory / "worker.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "handler.py"], cwd=PROJECT, env=env,
+    proc = subprocess.Popen([sys.executable, *(command or ("handler.py",))], cwd=PROJECT, env=env,
                             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                             process_group=0)
     return Worker(proc, directory, log_file)
