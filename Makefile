@@ -27,8 +27,10 @@ export ENABLE_CHUNKED_PREFILL ?= false
 else
 VLLM_PACKAGE := vllm==$(VLLM_VERSION)
 endif
+# The tiny model is the default of `make run` and `make run-lb` only, so that the tests
+# (which run them with settings of their own) never inherit it.
 ifeq ($(MODEL_NAME)$(MODEL_PATH)$(MODEL_NAMES),)
-export MODEL_PATH := $(TINY_MODEL_PATH)
+run run-lb: export MODEL_PATH := $(TINY_MODEL_PATH)
 # Its tokenizer spends about a token a character: OpenWebUI's default chat, with its
 # built-in tools, needs more than 8192 tokens of context.
 run run-lb: export MAX_MODEL_LEN ?= 32768
