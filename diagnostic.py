@@ -4,7 +4,7 @@
 
 (that file, whose name worker-vllm's users know, only calls `main` here). It reads
 the environment the worker reads and decides with the worker's own code
-(settings.load, launch_plan.plan_launch: the locator, the parser choice and the
+(settings.load, launch_plan.plan_launches: the locator, the parser choice and the
 command builder; supervisor.VllmChild and wait_healthy), so it reports what the
 worker does:
 1. settings: each variable the worker reads, its value and whether it was set;
@@ -15,7 +15,8 @@ worker does:
    disk in HF_HOME, memory against the weights' size, the ports are free;
 4. launch (--launch only): starts vLLM as the worker does, streams its log with the
    elapsed time, waits for /health (at most --timeout, by default VLLM_STARTUP_TIMEOUT),
-   asks /v1/models for the served name, then stops vLLM's process group.
+   asks /v1/models for the served name, reports where the start-up time went (weights,
+   compile and its cache, graph capture, KV cache, engine init), then stops vLLM's group.
 
 Exit codes name the failed step: 0 none (warnings allowed), 2 settings, 3 model, 4 a
 check, 5 vLLM exited while starting, 6 vLLM not healthy in time, 7 healthy but not
@@ -41,12 +42,13 @@ from typing import Any, TextIO
 
 import httpx
 
-from launch_plan import Launch, plan_launch
+from launch_plan import Launch, plan_launches
 from masking import MASK, is_secret_name, mask, mask_argv, secret_values, show
 from model_locator import LocatorError
 from preflight import Check, run_checks
 from settings import Settings, SettingsError, load
 from settings_table import SETTINGS, Setting
+from startup_timeline import Timeline
 from supervisor import QUOTED_LINES, StartupError, VllmChild, wait_healthy
 from vllm_command import count_gpus
 
@@ -155,7 +157,9 @@ class Report:
         self.data["models"].append({
             "served_model_name": served, "searched": list(found.steps),
             "chosen": found.model, "is_local": found.is_local, "weights": launch.weights,
-            "parsers": list(launch.parsers.reasons),
+            "parsers": list(launch.parsers.reasons), "compile_cache": launch.cache,
+            "adapters": [{"name": a.name, "path": a.path, "base": a.base, "rank": a.rank,
+                          "found": a.found} for a in launch.adapters],
             "command": mask_argv(launch.argv, self.secrets),
             "command_line": show(launch.argv, self.secrets)})
         self.say("\n".join(f"  - {step}" for step in launch.reasons))
@@ -196,18 +200,22 @@ def launch(launches: Sequence[Launch], timeout: float, api_key: str | None,
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    children = [(x, VllmChild(x.argv, x.env)) for x in launches]
+    timelines = [Timeline(x.model.served_name, x.weights_bytes, x.located_in)
+                 for x in launches]
+    children = [(x, VllmChild(x.argv, x.env, on_line=t.feed))
+                for x, t in zip(launches, timelines, strict=True)]
     result: dict[str, Any] = {"healthy": False, "seconds": None, "model": None, "exit": None,
-                              "last_lines": [], "models": []}
+                              "last_lines": [], "models": [], "timeline": []}
     report.data["launch"] = result
     outcome: tuple[int, str | None, str | None] = (EXIT_OK, None, None)
     try:
         for _, child in children:
             child.start()
-        for planned, child in children:  # they load in parallel, as in the worker
+        for (planned, child), timeline in zip(children, timelines, strict=True):
             url, served = f"http://127.0.0.1:{planned.model.port}", planned.model.served_name
             try:
                 wait_healthy(url, max(started + timeout - time.time(), 0.1), child)
+                timeline.mark_healthy()
             except StartupError:
                 reason = child.exit_reason()
                 result.update(model=served, exit=reason, last_lines=child.tail(QUOTED_LINES))
@@ -228,11 +236,14 @@ def launch(launches: Sequence[Launch], timeout: float, api_key: str | None,
             result.update(healthy=True, seconds=round(time.time() - started, 1))
     finally:
         result["seconds"] = result["seconds"] or round(time.time() - started, 1)
+        result["timeline"] = [{"model": t.name, **t.phases()} for t in timelines]
         for _, child in children:
             child.stop(grace=10)
         root.removeHandler(handler)
     if result["healthy"]:
         report.say(f"  healthy after {result['seconds']:.1f} s; " + "; ".join(result["models"]))
+        for timeline in timelines:
+            report.say(f"  {timeline.summary()}")
     elif result["last_lines"]:
         report.say("  its last lines:\n" + "\n".join(f"    {x}" for x in result["last_lines"]))
     return report.finish(*outcome)
@@ -259,15 +270,14 @@ def diagnose(args: argparse.Namespace, env: Mapping[str, str], report: Report) -
         return report.finish(EXIT_NOT_SERVING if failed else EXIT_OK,
                              "upstream" if failed else None, models.detail if failed else None)
     report.say(f"\n2. Model{'s' if len(settings.models) > 1 else ''}")
-    launches: list[Launch] = []
-    for model in settings.models:
-        try:
-            launches.append(plan_launch(settings, model, env))
-        except LocatorError as exc:
-            return report.finish(EXIT_MODEL, "model", str(exc))
-        except SettingsError as exc:
-            return report.finish(EXIT_SETTINGS, "settings", str(exc))
-        report.model(launches[-1])
+    try:
+        launches = plan_launches(settings, env)
+    except LocatorError as exc:
+        return report.finish(EXIT_MODEL, "model", str(exc))
+    except SettingsError as exc:
+        return report.finish(EXIT_SETTINGS, "settings", str(exc))
+    for launch_plan in launches:
+        report.model(launch_plan)
     if args.locate_only:
         return report.finish(EXIT_OK)
     report.say("\n3. Checks")

@@ -9,11 +9,15 @@ is the environment the child gets: the worker's, minus what vLLM must not see.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+import compile_cache
+import lora
 from model_info import read_model_info
-from model_locator import Location, link_for_vllm, locate
+from model_locator import Location, link_for_vllm, locate, weights_size
 from parsers import Choice, choose
 from settings import SETTINGS, ModelSettings, Settings
 from vllm_command import build_command, count_gpus
@@ -33,6 +37,11 @@ class Launch:
     parsers: Choice
     argv: list[str]
     env: dict[str, str]
+    cache: str = ""  # where vLLM's compile cache is, and why
+    weights_bytes: int | None = None  # None: not on disk (vLLM downloads them)
+    located_in: float = 0.0  # seconds the search for the weights took
+    adapters: tuple[lora.Adapter, ...] = ()  # the static LoRA adapters it serves
+    lora_rank: int = lora.DEFAULT_RANK  # the largest adapter rank its vLLM makes room for
 
     @property
     def base_url(self) -> str:
@@ -41,7 +50,7 @@ class Launch:
     @property
     def reasons(self) -> tuple[str, ...]:
         """Each decision with its reason, in order: where the weights are, which parsers."""
-        return self.location.steps + self.parsers.reasons
+        return (*self.location.steps, *self.parsers.reasons, *((self.cache,) if self.cache else ()))
 
 
 def child_env(env: Mapping[str, str], settings: Settings) -> dict[str, str]:
@@ -54,11 +63,51 @@ def child_env(env: Mapping[str, str], settings: Settings) -> dict[str, str]:
     return kept
 
 
-def plan_launch(settings: Settings, model: ModelSettings, env: Mapping[str, str]) -> Launch:
-    """Locate the weights, pick the parsers and build the command for one model
+def plan_launches(settings: Settings, env: Mapping[str, str]) -> list[Launch]:
+    """Every model located, the LoRA adapters found and routed, each model's command
     (LocatorError or SettingsError when that cannot work)."""
-    location = locate(model.name, model.path, settings.hf_home, settings.hub_caches,
-                      settings.flag_value("--revision"))
+    located = []
+    for model in settings.models:
+        started = time.monotonic()
+        location = locate(model.name, model.path, settings.hf_home, settings.hub_caches,
+                          settings.flag_value("--revision"))
+        located.append((model, location, time.monotonic() - started))
+    adapters = lora.plan(settings, [(model, location) for model, location, _ in located])
+    return [_launch(settings, model, location, located_in, adapters, env)
+            for model, location, located_in in located]
+
+
+def plan_launch(settings: Settings, model: ModelSettings, env: Mapping[str, str]) -> Launch:
+    """The plan of one model of `settings` (see plan_launches)."""
+    return next(launch for launch in plan_launches(settings, env)
+                if launch.model.served_name == model.served_name)
+
+
+def lora_argv(settings: Settings, adapters: lora.LoraPlan, served_name: str) -> tuple[
+        list[str], list[str]]:
+    """The LoRA flags of one model's vLLM, and why: its static adapters, and room for the
+    on-demand ones of LORA_DIR."""
+    mine = adapters.for_model(served_name)
+    if not (mine or settings.lora_dir or settings.enable_lora):
+        return [], []
+    argv = ["--enable-lora"]
+    if adapters.max_rank != lora.DEFAULT_RANK or settings.max_lora_rank is not None:
+        argv += ["--max-lora-rank", str(adapters.max_rank)]
+    if mine:  # one flag with every adapter: vLLM keeps only the last --lora-modules given
+        argv += ["--lora-modules", *(json.dumps({"name": adapter.name, "path": adapter.path,
+                                                 "base_model_name": served_name})
+                                     for adapter in mine)]
+    reasons = [adapter.found for adapter in mine]
+    if adapters.rank_reason:
+        reasons.append(adapters.rank_reason)
+    if settings.lora_dir:
+        reasons.append(f"LoRA adapters of {settings.lora_dir} are loaded when a request first "
+                       "names them")
+    return argv, reasons
+
+
+def _launch(settings: Settings, model: ModelSettings, location: Location, located_in: float,
+            adapters: lora.LoraPlan, env: Mapping[str, str]) -> Launch:
     weights = location.model
     if location.is_local:
         weights = link_for_vllm(location.model, settings.hf_home, model.served_name)
@@ -75,5 +124,19 @@ def plan_launch(settings: Settings, model: ModelSettings, env: Mapping[str, str]
         model = replace(model, max_model_len=limit)
         choice = replace(choice, reasons=(*choice.reasons, f"context length {limit}: the "
                                           f"longest {model.label} allows (MAX_MODEL_LEN unset)"))
-    argv = build_command(settings, model, weights, count_gpus(env), choice)
-    return Launch(model, location, weights, choice, argv, child_env(env, settings))
+    extra, lora_reasons = lora_argv(settings, adapters, model.served_name)
+    choice = replace(choice, reasons=(*choice.reasons, *lora_reasons))
+    argv = build_command(settings, model, weights, count_gpus(env), choice, extra)
+    child = child_env(env, settings)
+    if not child.get("VLLM_CACHE_ROOT"):
+        child.pop("VLLM_CACHE_ROOT", None)  # empty means unset to vLLM too, not the cwd
+    if settings.lora_dir:  # the worker loads them through vLLM's loopback admin route
+        child["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    root, cache = compile_cache.choose(child, settings.compile_cache_on_volume, settings.hf_home,
+                                       model.served_name,
+                                       location.model if location.is_local else None)
+    if root is not None:
+        child["VLLM_CACHE_ROOT"] = root
+    size = weights_size(location.model) if location.is_local else None
+    return Launch(model, location, weights, choice, argv, child, cache, size, located_in,
+                  tuple(adapters.for_model(model.served_name)), adapters.max_rank)

@@ -134,7 +134,9 @@ class LoadBalanced:
         try:
             body = await _read_body(receive, self.settings.local_max_body_bytes) \
                 if scope["method"] == "POST" else None
-            model = _model(body) if body and len(proxy.targets) > 1 else None
+            model = _model(body) if body and (len(proxy.targets) > 1 or proxy.loader) else None
+            if proxy.loader is not None:
+                await proxy.loader.ensure(model)
             request = resolve_http(scope["method"], scope["path"], model, proxy.targets)
             if request.path == "/v1/models" and len(proxy.targets) > 1:
                 models = [m async for m in proxy.run({"openai_route": "/v1/models"})][0]

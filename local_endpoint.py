@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args(argv)
-    with serving() as service:
+    with serving(hold_preamble=False) as service:  # its consumer is in-process (relay.py)
         settings, proxy = service.settings, service.proxy
         assert proxy is not None
         jobs = Jobs(make_handler(proxy), settings.max_concurrency)

@@ -74,6 +74,12 @@ def check_folder(path: Path) -> str | None:
     return None
 
 
+def weights_size(folder: str) -> int:
+    """Bytes of the weight files in a model folder (cache symlinks followed)."""
+    paths = [Path(folder, n) for n in os.listdir(folder) if n.endswith(WEIGHT_SUFFIXES)]
+    return sum(p.stat().st_size for p in paths if p.exists())
+
+
 def _find_ignoring_case(parent: Path, names: list[str]) -> list[Path]:
     """Children of `parent` whose names equal one of `names` ignoring case, in `names` order."""
     try:
@@ -95,17 +101,18 @@ def _custom_folder_names(model_name: str) -> list[str]:
     return names
 
 
-def _snapshots(repo_dir: Path, repo_id: str, hub: Path, revision: str | None) -> list[Path]:
+def _snapshots(repo_dir: Path, repo_id: str, hub: Path, revision: str | None,
+               marker: str = "config.json") -> list[Path]:
     """Candidate snapshots: the one refs/main names first, then the rest, newest first;
     with a revision, only its snapshot."""
     if revision is not None:
-        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub, revision=revision)
+        found = try_to_load_from_cache(repo_id, marker, cache_dir=hub, revision=revision)
         if isinstance(found, str):
             return [Path(found).parent]
         commits = repo_dir / "snapshots"
         by_prefix = sorted(commits.glob(f"{revision}*")) if len(revision) >= 7 else []
         return by_prefix[:1] if len(by_prefix) == 1 else []
-    found = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub)
+    found = try_to_load_from_cache(repo_id, marker, cache_dir=hub)
     first = [Path(found).parent] if isinstance(found, str) else []
     try:
         others = sorted((p for p in (repo_dir / "snapshots").iterdir() if p not in first),
@@ -136,6 +143,18 @@ def _from_cache(model_name: str, hub: Path, steps: list[str], revision: str | No
         if reason == GGUF_MESSAGE:
             raise LocatorError(f"{snapshot}: {GGUF_MESSAGE}.")
         steps.append(f"skipped snapshot {snapshot}: {reason}")
+    return None
+
+
+def find_in_caches(repo_id: str, hub_caches: tuple[str, ...], marker: str) -> Path | None:
+    """A snapshot of `repo_id` that holds `marker` (an adapter's adapter_config.json) in
+    the hub caches, as for models: the one refs/main names first, then the newest."""
+    wanted = repo_folder_name(repo_id=repo_id, repo_type="model")
+    for hub in hub_caches:
+        for repo_dir in _find_ignoring_case(Path(hub), [wanted]):
+            for snapshot in _snapshots(repo_dir, repo_id, Path(hub), None, marker):
+                if (snapshot / marker).is_file():
+                    return snapshot
     return None
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch_plan import Launch, child_env
-from model_locator import WEIGHT_SUFFIXES
+from model_locator import weights_size
 from settings import Settings
 
 IMPORT_TIMEOUT = 300.0  # importing vLLM takes 10-60 s; a hung import is reported, not awaited
@@ -96,12 +96,6 @@ def available_ram(meminfo: str) -> int | None:
     values = [int(line.split()[1]) * 1024 for line in meminfo.splitlines()
               if line.startswith("MemAvailable:")]
     return values[0] if values else None
-
-
-def weights_size(folder: str) -> int:
-    """Bytes of the weight files in a model folder (cache symlinks followed)."""
-    paths = [Path(folder, n) for n in os.listdir(folder) if n.endswith(WEIGHT_SUFFIXES)]
-    return sum(p.stat().st_size for p in paths if p.exists())
 
 
 def check_memory(weights: int | None, gpus: list[tuple[int, int]] | None, gpus_used: int,

@@ -27,7 +27,7 @@ import httpx
 
 from errors import ProxyError, from_upstream
 from relay import Pacing, StreamRelay
-from routes import Target, UpstreamRequest, resolve, shape_answer
+from routes import Target, UpstreamRequest, requested_model, resolve, shape_answer
 from sse import StreamKind, error_event
 
 log = logging.getLogger("worker.proxy")
@@ -35,6 +35,10 @@ log = logging.getLogger("worker.proxy")
 
 class Interruptible(Protocol):
     def interrupt(self) -> None: ...
+
+
+class ModelLoader(Protocol):
+    async def ensure(self, model: object) -> None: ...
 
 
 def _no_exit(timeout: float) -> str | None:
@@ -54,6 +58,7 @@ class Proxy:
         self.prompt_max_tokens = prompt_max_tokens
         self.upstream_exit = upstream_exit
         self.api_key = api_key  # vLLM's own --api-key, when the deployment gave one
+        self.loader: ModelLoader | None = None  # loads on-demand LoRA adapters
         self.in_flight = 0  # jobs in `run` now
         self._refusal: str | None = None
         self._closing: str | None = None
@@ -128,6 +133,8 @@ class Proxy:
         try:
             if self._refusal:
                 raise ProxyError(503, self._refusal)
+            if self.loader is not None:
+                await self.loader.ensure(requested_model(job_input))
             job = resolve(job_input, self.targets, self.prompt_max_tokens, self.pacing)
             log.info("job %s: %s %s (%s)", job_id, job.first.method, job.first.path,
                      ", ".join(r.target.name for r in job.requests))

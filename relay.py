@@ -11,14 +11,17 @@ Invariants (tests hold us to each):
   `response.created`, `message_start`) are held until then, or until the stream
   ends: nobody sees them, and a yield of them alone would keep the consumer (the
   platform's stream POST) busy when the first token comes, a fraction of a
-  millisecond later. When one read brings many events, the first yield goes after at
-  most `FIRST_BATCH` chunks of it, not after the whole read;
+  millisecond later. A consumer that takes no time (the local endpoint's, in-process:
+  `Pacing.hold_preamble` off) gets them at once instead, as vLLM sends them, since
+  clients such as vLLM's benchmark count the first chunk as the first token. When one
+  read brings many events, the first yield goes after at most `FIRST_BATCH` chunks
+  of it, not after the whole read;
 - after that, whatever arrives while the consumer (the platform's stream POST)
   is busy is coalesced into the next yield, and yields are at most one per
   `flush_interval`, counted from one yield to the next (the consumer's time is
   part of the interval, not added to it): an event waits at most the longer of
   the consumer's own time and that interval, and a stream of duration D costs
-  at most D / interval + 2 yields;
+  at most D / interval + 2 yields (plus one per preamble read when not held);
 - the worker-vllm batch knobs (`min_batch_size`, growing by
   `batch_size_growth_factor` up to `max_batch_size`) keep their meaning for
   those who set them: once that many events are waiting they go out without
@@ -49,6 +52,7 @@ class Pacing:
     min_batch_size: int | None = None
     max_batch_size: int | None = None
     growth_factor: float = 3.0
+    hold_preamble: bool = True
 
     def first_target(self) -> int | None:
         if self.min_batch_size is None and self.max_batch_size is None:
@@ -138,17 +142,22 @@ class StreamRelay:
                 end = event_end(self._buffer)
                 if end == 0 and not self._finished.is_set():
                     continue
+                output = True
                 if last_yield is not None:
                     await self._pace(last_yield + self._pacing.flush_interval, target)
                 elif not self._finished.is_set() and not first_output_end(
                         self._buffer, self._scanned, self._kind):
-                    self._scanned = end  # whole events, all preamble: held (docstring)
-                    continue
+                    output = False  # whole events, all preamble (docstring)
+                    self._scanned = end
+                    if self._pacing.hold_preamble:
+                        continue
                 end = event_end(self._buffer)
                 if end:
                     text = self._buffer[:end].decode("utf-8", errors="replace")
                     del self._buffer[:end]
-                    last_yield = loop.time()  # before the consumer runs: see the docstring
+                    self._scanned = 0
+                    if output:  # paced from here: before the consumer runs (docstring)
+                        last_yield = loop.time()
                     self._yielded = True
                     yield text
                     target = self._pacing.next_target(target)

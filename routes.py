@@ -83,11 +83,16 @@ SHAPES = ('accepted job inputs: {"openai_route": "/v1/chat/completions", "openai
 
 @dataclass(frozen=True)
 class Target:
-    """One vLLM server: the model name it serves, its URL, the routes it has (None: unknown)."""
+    """One vLLM server: the model name it serves, its URL, the routes it has (None: unknown),
+    and the LoRA adapters it serves besides (by the names clients send as `model`)."""
 
     name: str
     base_url: str
     routes: frozenset[str] | None = None
+    adapters: frozenset[str] = frozenset()
+
+    def serves(self, model: object) -> bool:
+        return model == self.name or model in self.adapters
 
     @property
     def pooling(self) -> bool:
@@ -204,13 +209,26 @@ def pick(targets: Sequence[Target], name: object) -> Target:
     if name is None:
         return targets[0]
     for target in targets:
-        if target.name == name:
+        if target.serves(name):
             return target
     if len(targets) == 1:
         return targets[0]  # vLLM itself answers with its 404 and the names it knows
     served = ", ".join(t.name for t in targets)
-    raise ProxyError(404, f"The model `{name}` is not served here; served models: {served}.",
-                     "model", "NotFoundError")
+    adapters = ", ".join(sorted(a for t in targets for a in t.adapters))
+    also = f"; LoRA adapters: {adapters}" if adapters else ""
+    raise ProxyError(404, f"The model `{name}` is not served here; served models: {served}"
+                     f"{also}.", "model", "NotFoundError")
+
+
+def requested_model(job_input: object) -> object:
+    """The `model` a job input names, in any of its shapes (None when it names none)."""
+    if not isinstance(job_input, dict):
+        return None
+    for body in (job_input.get("openai_input"), job_input.get("body"),
+                 job_input.get("sampling_params"), job_input):
+        if isinstance(body, dict) and "model" in body:
+            return body["model"]
+    return None
 
 
 def _plain_route(body: dict[str, Any], target: Target, prompt_max_tokens: int

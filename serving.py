@@ -30,9 +30,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from enum import Enum
 
-from launch_plan import plan_launch
+from launch_plan import plan_launches
+from lora import model_sizes
+from lora_loader import AdapterLoader, OnDemand
 from masking import secret_values, setup_logging
 from model_locator import LocatorError
 from proxy import Proxy
@@ -76,10 +79,13 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     return settings
 
 
-def make_proxy(settings: Settings, upstreams: Sequence[Upstream]) -> Proxy:
-    """The proxy to these vLLMs, configured from the settings."""
+def make_proxy(settings: Settings, upstreams: Sequence[Upstream], hold_preamble: bool = True
+               ) -> Proxy:
+    """The proxy to these vLLMs, configured from the settings; `hold_preamble` off for a
+    consumer that takes no time (relay.py)."""
     pacing = Pacing(settings.stream_flush_interval, settings.min_batch_size,
-                    settings.max_batch_size, settings.batch_size_growth_factor or 3.0)
+                    settings.max_batch_size, settings.batch_size_growth_factor or 3.0,
+                    hold_preamble)
     return Proxy([u.target for u in upstreams], settings.request_timeout, pacing,
                  settings.default_max_tokens, lambda timeout: exit_reason(upstreams, timeout),
                  settings.vllm_api_key)
@@ -103,8 +109,10 @@ class Service:
     default the proxy's jobs); `exit_process` is `exit_now` except in tests."""
 
     def __init__(self, settings: Settings, env: Mapping[str, str],
-                 exit_process: Callable[[int], None] = exit_now) -> None:
+                 exit_process: Callable[[int], None] = exit_now, hold_preamble: bool = True
+                 ) -> None:
         self.settings = settings
+        self.hold_preamble = hold_preamble
         self.env = env
         self.exit_process = exit_process
         self.state = State.STARTING
@@ -131,11 +139,24 @@ class Service:
             self.fleet.add(connect(settings.served_model_name, settings.upstream_url,
                                    settings.startup_timeout))
         else:
-            launches = [plan_launch(settings, model, self.env) for model in settings.models]
+            launches = plan_launches(settings, self.env)
             start_upstreams(launches, settings.startup_timeout, self.fleet, settings.secrets)
-        self.proxy = make_proxy(settings, self.upstreams)
+            for upstream, launch in zip(self.upstreams, launches, strict=True):
+                upstream.target = replace(upstream.target, adapters=frozenset(
+                    adapter.name for adapter in launch.adapters))
+        self.proxy = make_proxy(settings, self.upstreams, self.hold_preamble)
+        if settings.lora_dir and not settings.vllm_base_url:
+            self.proxy.loader = AdapterLoader(self.proxy, OnDemand(
+                settings.lora_dir, max(launch.lora_rank for launch in launches),
+                settings.models, {launch.model.served_name: model_sizes(launch.location)
+                                  for launch in launches}))
         if self.state is State.STARTING:
             self.state = State.READY
+        timelines = [u.timeline for u in self.upstreams if u.timeline is not None]
+        healthy = max((t.spawned + (t.healthy or 0) for t in timelines), default=None)
+        for timeline in timelines:
+            log.info("%s", timeline.summary(None if healthy is None
+                                            else time.monotonic() - healthy))
         log.info("Serving %s", ", ".join(u.target.name for u in self.upstreams))
         return self.proxy
 
@@ -246,11 +267,11 @@ def unwind_on_sigterm() -> None:
 
 
 @contextlib.contextmanager
-def serving(env: Mapping[str, str] = os.environ, settings: Settings | None = None
-            ) -> Iterator[Service]:
+def serving(env: Mapping[str, str] = os.environ, settings: Settings | None = None,
+            hold_preamble: bool = True) -> Iterator[Service]:
     """A started, supervised Service with signals handled; every vLLM stopped at exit."""
     unwind_on_sigterm()
-    service = Service(settings or load_settings(env), env)
+    service = Service(settings or load_settings(env), env, hold_preamble=hold_preamble)
     try:
         service.start_or_exit()
         service.supervise()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from config_file import config_flags
@@ -44,7 +45,8 @@ DEFAULT_CONTEXT = int(BY_NAME["MAX_MODEL_LEN"].default or 8192)
 # Flags the worker's own settings set: their variables are those settings.
 NAMED_FLAGS = {"--max-model-len", "--gpu-memory-utilization", "--dtype", "--runner", "--convert",
                "--tensor-parallel-size", "--enable-auto-tool-choice", "--tool-call-parser",
-               "--reasoning-parser", "--model", "--served-model-name", "--host", "--port"}
+               "--reasoning-parser", "--model", "--served-model-name", "--host", "--port",
+               "--enable-lora", "--max-lora-rank", "--lora-modules"}
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,11 @@ class Settings:
     port_health: int | None
     api_key: str | None
     load_balancing: bool  # serve HTTP on PORT (no job queue) rather than take jobs
+    compile_cache_on_volume: bool
+    enable_lora: bool | None
+    lora_modules: str | None
+    lora_dir: str | None
+    max_lora_rank: int | None
     secrets: tuple[str, ...]
     notes: tuple[str, ...] = ()  # one line each: a retired or renamed variable
     warnings: tuple[str, ...] = ()
@@ -265,6 +272,20 @@ def _caches(env: Mapping[str, str], hf_home: str, notes: list[str]
     return tuple(dict.fromkeys(caches)), download
 
 
+def _lora(env: Mapping[str, str]) -> dict[str, Any]:
+    """The LoRA settings, consistent: adapters turn LoRA on, and cannot go with it off."""
+    enable, modules, folder = (value(env, "ENABLE_LORA"), value(env, "LORA_MODULES"),
+                               value(env, "LORA_DIR"))
+    if enable is False and (modules or folder):
+        raise SettingsError("ENABLE_LORA=false, but LORA_MODULES or LORA_DIR names adapters: "
+                            "remove one of them.")
+    if folder is not None and not Path(folder).is_dir():
+        raise SettingsError(f"LORA_DIR={folder} is not a folder.")
+    rank = value(env, "MAX_LORA_RANK")
+    return {"enable_lora": enable, "lora_modules": modules, "lora_dir": folder,
+            "max_lora_rank": int(rank) if rank is not None else None}
+
+
 def load(env: Mapping[str, str]) -> Settings:
     """Read and validate every setting; raise `SettingsError` on the first invalid one."""
     notes = [f"{name} is {note}" for name, note in RETIRED.items() if raw(env, name)]
@@ -308,5 +329,7 @@ def load(env: Mapping[str, str]) -> Settings:
         port=port_lb, port_health=value(env, "PORT_HEALTH") or port_lb,
         api_key=value(env, "API_KEY"),
         load_balancing=port_lb is not None and not raw(env, "RUNPOD_WEBHOOK_GET_JOB"),
+        compile_cache_on_volume=value(env, "COMPILE_CACHE_ON_VOLUME"),
+        **_lora(env),
         secrets=secret_values(env), notes=tuple(notes), warnings=tuple(warnings))
 

@@ -163,6 +163,20 @@ SETTINGS: tuple[Setting, ...] = (
       "`llama3_json`, or `off`.", "auto"),
     S("REASONING_PARSER", None, _parser, "vLLM's reasoning parser: picked for the model's "
       "family, a name such as `openai_gptoss`, `qwen3`, `deepseek_r1`, or `off`.", "auto"),
+    S("COMPILE_CACHE_ON_VOLUME", "true", _bool, "Keep vLLM's compile cache on the network "
+      "volume (a folder per model beside `HF_HOME`), so a new worker skips most of the "
+      'compile; `false`: on the container disk, as vLLM does (see "Cold start").'),
+    S("VLLM_CACHE_ROOT", None, _text, "vLLM's own cache folder; when set, the worker leaves "
+      "the compile cache there."),
+    S("ENABLE_LORA", None, _switch, "Serve LoRA adapters (vLLM's `--enable-lora`); on by itself "
+      'when `LORA_MODULES` or `LORA_DIR` is set (see "LoRA adapters").', "auto"),
+    S("LORA_MODULES", None, _text, "Adapters to serve: a JSON list of "
+      '`{"name", "path", "base_model_name"}`, or `name=path` items; each path a folder, a '
+      "folder under `HF_HOME` or a repo id in the Hugging Face cache."),
+    S("LORA_DIR", None, _text, "A folder with one adapter folder each, loaded the first time "
+      "a request names it."),
+    S("MAX_LORA_RANK", None, _or_auto(_choice("--max-lora-rank")), "The largest adapter rank "
+      "vLLM makes room for.", "the largest adapter's, at least 16"),
     S("VLLM_EXTRA_ARGS", None, _args, "More `vllm serve` flags, appended last (split like a "
       "shell would, never run by one; `--host` is refused: vLLM stays on 127.0.0.1).",
       worker_only=True),
@@ -183,7 +197,7 @@ SETTINGS: tuple[Setting, ...] = (
       "none (vLLM's own default is 16)."),
     S("STREAM_FLUSH_INTERVAL", "0.05", _number(float, "a number of seconds from 0 to 0.1",
                                                 lambda v: 0 <= v <= 0.1),
-      "Seconds between two stream yields at most once the first event is out (0 to 0.1)."),
+      "Seconds between two stream yields at most once the first output is out (0 to 0.1)."),
     S("DEFAULT_BATCH_SIZE", None, POSITIVE, "worker-vllm's stream batching: once this many "
       "events wait, they are yielded without waiting for the interval (the maximum)."),
     S("DEFAULT_MIN_BATCH_SIZE", None, POSITIVE, "The batch size a stream starts at."),

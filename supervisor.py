@@ -37,6 +37,7 @@ from tenacity import (
 from launch_plan import Launch
 from masking import show
 from routes import Target
+from startup_timeline import Timeline
 
 log = logging.getLogger("worker.supervisor")
 STOP_GRACE = 10.0  # seconds a stopping vLLM gets between SIGTERM and SIGKILL
@@ -102,8 +103,9 @@ class VllmChild:
     """A vLLM server process (any command, in tests a stand-in) and its process group."""
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None,
-                 tail_size: int = 60) -> None:
+                 tail_size: int = 60, on_line: Callable[[str], None] | None = None) -> None:
         self.argv = list(argv)
+        self.on_line = on_line  # sees each output line (the start-up timeline)
         self.env = dict(env) if env is not None else None
         self._tail: deque[str] = deque(maxlen=tail_size)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -135,6 +137,8 @@ class VllmChild:
             for raw in self._proc.stdout:
                 line = raw.decode("utf-8", errors="replace").rstrip()
                 self._tail.append(line)
+                if self.on_line is not None:
+                    self.on_line(line)
                 vllm_log.info("[vllm] %s", line)
 
     def tail(self, count: int | None = None) -> list[str]:
@@ -240,6 +244,7 @@ class Upstream:
 
     target: Target
     child: VllmChild | None = None
+    timeline: Timeline | None = None
 
     def exit_reason(self, timeout: float = 0) -> str | None:
         return self.child.exit_reason(timeout) if self.child else None
@@ -291,11 +296,18 @@ def start_upstreams(launches: Sequence[Launch], timeout: float, fleet: Fleet,
                 log.info("%s", reason)
             log.info("Starting vLLM for %s: %s", launch.model.served_name,
                      show(launch.argv, secrets))
+            timeline = Timeline(launch.model.served_name, launch.weights_bytes,
+                                launch.located_in)
             fleet.add(Upstream(Target(launch.model.served_name, launch.base_url),
-                               VllmChild(launch.argv, launch.env)))
+                               VllmChild(launch.argv, launch.env, on_line=timeline.feed),
+                               timeline))
         for upstream in fleet.upstreams:  # they load in parallel: waiting in turn costs nothing
             took = wait_healthy(upstream.target.base_url, timeout, upstream.child)
-            upstream.target = discover_routes(upstream.target)
+            if upstream.timeline is not None:
+                upstream.timeline.mark_healthy()
+            logged = upstream.timeline.routes() if upstream.timeline is not None else None
+            upstream.target = (replace(upstream.target, routes=logged) if logged is not None
+                               else discover_routes(upstream.target))
             log.info("vLLM for %s is healthy after %.1f s", upstream.target.name, took)
     except BaseException:
         fleet.stop(grace=5)
@@ -304,7 +316,8 @@ def start_upstreams(launches: Sequence[Launch], timeout: float, fleet: Fleet,
 
 
 def discover_routes(target: Target) -> Target:
-    """The routes this vLLM serves (it mounts only those its model supports)."""
+    """The routes this vLLM serves (it mounts only those its model supports), asked of
+    it: for a vLLM whose start-up log did not list them (startup_timeline)."""
     try:
         paths = httpx.get(f"{target.base_url}/openapi.json", timeout=10).json()["paths"]
         return replace(target, routes=frozenset(paths))

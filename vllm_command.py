@@ -18,7 +18,7 @@ from settings import ModelSettings, Settings
 
 
 def build_command(settings: Settings, model: ModelSettings, weights: str, gpu_count: int,
-                  parsers: Choice | None = None) -> list[str]:
+                  parsers: Choice | None = None, extra: list[str] | None = None) -> list[str]:
     """argv for a vLLM OpenAI server serving `weights` as `model` on loopback."""
     if settings.use_vllm_serve:
         argv = ["vllm", "serve", weights]
@@ -46,6 +46,7 @@ def build_command(settings: Settings, model: ModelSettings, weights: str, gpu_co
         argv += ["--enable-auto-tool-choice", "--tool-call-parser", parsers.tool_parser]
     if parsers is not None and parsers.reasoning_parser:
         argv += ["--reasoning-parser", parsers.reasoning_parser]
+    argv += extra or []  # the model's own (its LoRA adapters)
     for flag in settings.flag_args:
         argv += flag.argv
     return argv + list(settings.vllm_extra_args)

@@ -86,6 +86,37 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     memory = scenarios.get("6_memory")
     add("worker memory, idle", "under 100 MB", memory and f"{memory['idle_rss_mb']:.1f} MB",
         memory and memory["idle_rss_mb"] < 100)
+    first = scenarios.get("7_first_token")
+    for consumer in ("instant consumer", "20 ms consumer"):
+        rows = [r for r in first["rows"] if r["path"] == f"(b) handler(job), {consumer}"] \
+            if first else []
+        add(f"first content token (b), {consumer}",
+            "p50 within 2 ms, p90 within 5 ms of direct",
+            rows and ", ".join(f"{r['p50_minus_direct_ms']:+.2f} / {r['p90_minus_direct_ms']:+.2f}"
+                               f" ms ({'idle' if r['idle_before_s'] else 'back to back'})"
+                               for r in rows),
+            all(r["p50_minus_direct_ms"] <= 2 and r["p90_minus_direct_ms"] <= 5 for r in rows)
+            if rows else None)
+    serve = scenarios.get("8_bench_serve")
+    reference = _row(serve["rows"], path="(e) reference: ten-line starlette + httpx proxy") \
+        if serve else None
+    cpu = reference["worker_cpu_us_per_token"] if reference else None
+    for short, path, p50, below in (
+            ("local endpoint", "(c) local endpoint /v2/<id>/openai/v1", 3, False),
+            ("load-balancing server", "(d) load-balancing server /v1", 2, True)):
+        row = _row(serve["rows"], path=path) if serve else None
+        add(f"bench serve, {short}: TTFT", f"p50 within {p50} ms, p99 within 10 ms of direct",
+            row and f"{row['ttft_p50_minus_direct_ms']:+.2f} / "
+                    f"{row['ttft_p99_minus_direct_ms']:+.2f} ms",
+            row and row["ttft_p50_minus_direct_ms"] <= p50
+            and row["ttft_p99_minus_direct_ms"] <= 10)
+        add(f"bench serve, {short}: tokens/s", "at least 0.95 of direct",
+            row and f"{row['tokens_per_s_ratio']:.3f}", row and row["tokens_per_s_ratio"] >= 0.95)
+        used = row["worker_cpu_us_per_token"] if row else None
+        add(f"bench serve, {short}: CPU per token",
+            f"{'below' if below else 'at most'} the ten-line proxy's (e), beside it",
+            row and cpu and f"{used:.1f} µs, (e) {cpu:.1f} µs",
+            row and cpu and (used < cpu if below else used <= cpu))
     return found
 
 
@@ -112,6 +143,33 @@ REAL: Columns = [("path", "path"), ("concurrency", "concurrency"), ("requests", 
                  ("ttft_p50_ratio", "TTFT p50 / vLLM"), ("total_p50_ratio", "total p50 / vLLM"),
                  ("worker_cpu_wait_ms_per_request", "endpoint waited for a CPU, ms/request"),
                  ("background_cores", "other load (cores)")]
+FIRST: Columns = [("regime", "regime"), ("path", "path"), ("requests", "requests"),
+                  ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"),
+                  ("p50_minus_direct_ms", "p50 − (a) ms"), ("p90_minus_direct_ms", "p90 − (a) ms"),
+                  ("role_chunk_p50_ms", "role chunk p50 ms"),
+                  ("background_cores", "other load (cores)")]
+SERVE: Columns = [("path", "path"), ("requests", "requests"), ("output_tokens", "output tokens"),
+                  ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"),
+                  ("ttft_p50_minus_direct_ms", "p50 − (a) ms"),
+                  ("ttft_p99_minus_direct_ms", "p99 − (a) ms"), ("itl_p50_ms", "ITL p50 ms"),
+                  ("latency_p50_ms", "request p50 ms"),
+                  ("tokens_per_s", "output tokens/s"), ("tokens_per_s_ratio", "/ (a)"),
+                  ("rounds_tokens_per_s", "each round, tokens/s"),
+                  ("worker_cpu_us_per_token", "relay CPU µs / token"),
+                  ("background_cores", "other load (cores)")]
+COLD: Columns = [("regime", "regime"), ("launches", "launches"),
+                 ("healthy_s", "launch → /ping 200 s (median)"),
+                 ("healthy_s_each", "each launch, s"),
+                 ("healthy_minus_cold_s", "− cold s"),
+                 ("first_answer_s", "launch → first answer s (median)"),
+                 ("tokens_per_s", "output tokens/s"), ("tokens_per_s_ratio", "/ cold")]
+LORA_LOADS: Columns = [("request", "request"), ("p50_ms", "p50 ms"), ("max_ms", "max ms")]
+LORA_SERVE: Columns = [("path", "requests to"), ("requests", "requests"),
+                       ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"),
+                       ("ttft_p50_minus_direct_ms", "p50 − (a) ms"),
+                       ("latency_p50_ms", "request p50 ms"),
+                       ("tokens_per_s", "output tokens/s"), ("tokens_per_s_ratio", "/ (a)"),
+                       ("rounds_tokens_per_s", "each round, tokens/s")]
 TARGETS: Columns = [("target", "target"), ("wanted", "wanted"), ("measured", "measured"),
                     ("met", "met")]
 
@@ -162,6 +220,63 @@ def _real(real: dict[str, Any]) -> str:
     return where + "\n\n" + table(real["rows"], REAL)
 
 
+def _where(section: dict[str, Any]) -> str:
+    if section["vllm_started_here"]:
+        return (f"vLLM started for scenarios 7 and 8 in {section['vllm_start_s']:g} s, pinned: "
+                f"`{section['vllm_command']}` with VLLM_CPU_OMP_THREADS_BIND=0 and "
+                "VLLM_CPU_NUM_OF_RESERVED_CPU=0; this process, the worker's processes and the "
+                "client on core 1.")
+    return "A running vLLM was reused, as it runs (nothing pinned)."
+
+
+def _first(first: dict[str, Any]) -> str:
+    return (f"{_where(first)} Model `{first['model']}`, {first['tokens']} tokens per request; "
+            f"{first['rounds']} rounds per regime, one request by each path per round, the "
+            f"order rotating; the 20 ms consumer is the platform's stream post "
+            f"({first['post_delay_ms']:g} ms). The time is to the first event with non-empty "
+            "content; the role chunk column is when vLLM's role chunk reached (a).\n\n"
+            + table(first["rows"], FIRST))
+
+
+def _serve(serve: dict[str, Any]) -> str:
+    return (f"{_where(serve)} `vllm bench serve --backend openai-chat --dataset-name random "
+            f"--random-input-len {serve['input_tokens']} --random-output-len "
+            f"{serve['output_tokens']} --ignore-eos --temperature 0 --max-concurrency "
+            f"{serve['concurrency']}`, {serve['prompts_per_round']} prompts per round, "
+            f"{serve['cycles']} cycles of one round per path (the same prompts within a "
+            "cycle, the order rotating), after a warm-up round each. TTFT and ITL as vLLM's "
+            "client counts them; relay CPU: the relaying process's utime + stime over its "
+            "rounds, per output token. (e) is a throwaway ten-line starlette + httpx proxy, "
+            "not the worker: the least a Python relay costs here, measured beside it.\n\n"
+            + table(serve["rows"], SERVE))
+
+
+def _cold(cold: dict[str, Any]) -> str:
+    timelines = "\n".join(f"- {row['regime']}: `{row['timeline']}`" for row in cold["rows"])
+    started = ("the stand-in vLLM (quick mode)" if cold.get("stand_in")
+               else "vLLM (tiny model, CPU build)")
+    return (f"`python handler.py` as a load-balancing server starting {started}, "
+            f"{cold['launches']} launches per regime, interleaved; then "
+            f"{cold['requests']} streamed requests of {cold['tokens']} tokens, "
+            f"{cold['concurrency']} at a time, for the throughput.\n\n"
+            + table(cold["rows"], COLD)
+            + "\n\nThe worker's start-up line, last launch of each regime:\n\n" + timelines)
+
+
+def _lora(lora: dict[str, Any]) -> str:
+    upstream = "the stand-in vLLM (quick mode)" if lora.get("stand_in") else \
+        "the tiny model (CPU build)"
+    return (f"The load-balancing server on {upstream} with {lora['adapters']} adapters "
+            f"in `LORA_MODULES` (`MAX_LORAS={lora['adapters']}`) and {lora['on_demand']} in "
+            "`LORA_DIR`, rank 8. One 16-token chat completion at a time, for each on-demand "
+            "adapter in turn:\n\n" + table(lora["load_rows"], LORA_LOADS)
+            + f"\n\n`vllm bench serve` through the server, {lora['input_tokens']} tokens in "
+            f"and {lora['output_tokens']} out, concurrency {lora['concurrency']}, "
+            f"{lora['prompts_per_round']} prompts per round, {lora['cycles']} cycles "
+            "alternating (b) (`--lora-modules` with every static adapter: one at random per "
+            "request) with (a):\n\n" + table(lora["rows"], LORA_SERVE))
+
+
 def markdown(results: dict[str, Any]) -> str:
     machine = results["machine"]
     scenarios = results["scenarios"]
@@ -192,6 +307,12 @@ def markdown(results: dict[str, Any]) -> str:
         ("5_real_vllm", "5. Real vLLM on CPU (tiny model, streamed, 32 tokens)", _real),
         ("6_memory", "6. Worker memory (python handler.py under the Runpod SDK, no vLLM)",
          _memory),
+        ("7_first_token", "7. First content token on the real vLLM (tiny model, CPU build)",
+         _first),
+        ("8_bench_serve", "8. vllm bench serve: direct, local endpoint, load-balancing server",
+         _serve),
+        ("9_cold_start", "9. Cold start: compile cache cold, warm, and ENFORCE_EAGER", _cold),
+        ("10_lora", "10. LoRA adapters: loaded on demand, served in rotation", _lora),
     ]
     for key, title, render in sections:
         parts.append(f"## {title}")
@@ -201,6 +322,8 @@ def markdown(results: dict[str, Any]) -> str:
         elif "failed" in section:
             parts.append(f"**Failed:** {section['failed']}")
         else:
+            if section.get("measured", machine["date"]) != machine["date"]:
+                parts.append(f"Measured {section['measured']}, in an earlier run.")
             if section.get("waited_for_quiet_s"):
                 parts.append(f"Started after waiting {section['waited_for_quiet_s']:g} s for "
                              "other processes to leave the CPU.")

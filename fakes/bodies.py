@@ -83,11 +83,16 @@ def chat_steps(request_id: str, model: str, tokens: int, usage: bool,
         yield step + tail if last else step
 
 
-def models(served: str, root: str) -> bytes:
-    """`GET /v1/models`: the one model served."""
-    return compact({"object": "list", "data": [{
-        "id": served, "object": "model", "created": int(time.time()), "owned_by": "vllm",
-        "root": root, "parent": None, "max_model_len": 8192, "permission": []}]})
+def models(served: str, root: str, adapters: dict[str, str] | None = None) -> bytes:
+    """`GET /v1/models`: the model served, then its LoRA adapters (name: path), as vLLM
+    lists them: the path as `root`, the model as `parent`."""
+    now = int(time.time())
+    card = {"id": served, "object": "model", "created": now, "owned_by": "vllm",
+            "root": root, "parent": None, "max_model_len": 8192, "permission": []}
+    loras = [{"id": name, "object": "model", "created": now, "owned_by": "vllm", "root": path,
+              "parent": served, "max_model_len": None, "permission": []}
+             for name, path in (adapters or {}).items()]
+    return compact({"object": "list", "data": [card, *loras]})
 
 
 def openapi(paths: tuple[str, ...]) -> bytes:

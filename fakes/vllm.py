@@ -27,6 +27,10 @@ Wire format, as vLLM 0.32 sends it (observed on the CPU build), bodies in fakes.
 - any other path (routes match the path without its query string, and the method):
   FastAPI's 404 `{"detail": "Not Found"}`; while "loading" the port is bound but not
   listening, so connections are refused, as with vLLM;
+- with `--enable-lora`, the `--lora-modules` adapters (`name=path` or JSON) are served by
+  the chat route and listed by `/v1/models` after the model (`parent`: the model, `root`:
+  the path); with `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` too, `POST /v1/load_lora_adapter`
+  (`{"lora_name", "lora_path"}`) adds one, answering vLLM's plain-text "Success: ...";
 - with `--api-key K`, a 401 `{"error": "Unauthorized"}` for any `/v1` path without
   `Authorization: Bearer K`, as vLLM's own key guards only `/v1`.
 
@@ -91,6 +95,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shlex
 import signal
 import socket
@@ -116,9 +121,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--disable-uvicorn-access-log", action="store_true")
     parser.add_argument("--api-key", dest="api_key")
     parser.add_argument("--engine-core", action="store_true")
+    parser.add_argument("--enable-lora", action="store_true")
+    # As vLLM's: several values after one flag; a second flag replaces the first's.
+    parser.add_argument("--lora-modules", nargs="+", default=[])
     args, _unknown = parser.parse_known_args(argv)
     args.served_model_name = args.served_model_name or args.model
     return args
+
+
+def lora_module(given: str) -> tuple[str, str]:
+    """One `--lora-modules` value, `name=path` or vLLM's JSON form: (name, path)."""
+    if given.startswith("{"):
+        module = json.loads(given)
+        return module["name"], module["path"]
+    name, _, path = given.partition("=")
+    return name, path
 
 
 def engine_core() -> None:
@@ -203,8 +220,12 @@ def main(argv: list[str]) -> None:
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
+    runtime_lora = os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in (
+        "1", "true")
     app = StandIn(args.served_model_name, args.model, switches,
-                  not args.disable_uvicorn_access_log, args.api_key)
+                  not args.disable_uvicorn_access_log, args.api_key,
+                  dict(lora_module(m) for m in args.lora_modules),
+                  args.enable_lora and runtime_lora)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C when run by hand
         run(serve(app, sock, switches, f"http://{args.host}:{args.port}"))
 
@@ -213,13 +234,30 @@ def main(argv: list[str]) -> None:
 
 def free_port(count: int = 1) -> int:
     """A loopback TCP port nothing listens on right now, and the `count - 1` after it too
-    (the worker gives each further model the next port)."""
+    (the worker gives each further model the next port).
+
+    Chosen below the kernel's ephemeral range, and never twice in one process: a port of
+    that range can go to any outgoing connection, or to vLLM's own internal sockets, between
+    the choice and its use (a server that binds its port only once vLLM has loaded, a minute
+    later, met exactly that)."""
+    low = _ephemeral_low()
     while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        if port + count <= 65536 and all(_free(p) for p in range(port + 1, port + count)):
+        port = random.randrange(FIRST_PORT, max(low - count, FIRST_PORT + 1))
+        span = range(port, port + count)
+        if not _handed_out.intersection(span) and all(_free(p) for p in span):
+            _handed_out.update(span)
             return port
+
+
+FIRST_PORT = 10000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def _free(port: int) -> bool:

@@ -118,9 +118,11 @@ class StandIn(App):
     """vLLM's routes, the load tests' fields and the switches, over fakes.http."""
 
     def __init__(self, served: str, root: str, switches: Switches, access_log: bool,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, adapters: dict[str, str] | None = None,
+                 runtime_lora: bool = False) -> None:
         self.served, self.root, self.switches = served, root, switches
         self.api_key = api_key
+        self.adapters = dict(adapters or {})  # LoRA adapters served besides: name -> path
         self.access_log = access_log
         self.stats = Stats()
         self.ids = itertools.count(1)
@@ -128,6 +130,8 @@ class StandIn(App):
                        ("GET", "/v1/models"): self.models, ("GET", "/stats"): self.view,
                        ("POST", "/stats/reset"): self.reset,
                        ("POST", "/v1/chat/completions"): self.chat}
+        if runtime_lora:  # as vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
+            self.routes[("POST", "/v1/load_lora_adapter")] = self.load_lora
 
     def opened(self, conn: Connection) -> None:
         self.stats.connections += 1
@@ -180,7 +184,23 @@ class StandIn(App):
         self.answer(conn, request, 200, bodies.openapi(VLLM_ROUTES))
 
     def models(self, conn: Connection, request: Request) -> None:
-        self.answer(conn, request, 200, bodies.models(self.served, self.root))
+        self.answer(conn, request, 200, bodies.models(self.served, self.root, self.adapters))
+
+    def load_lora(self, conn: Connection, request: Request) -> None:
+        body = parsed(request)
+        name, path = (body.get("lora_name"), body.get("lora_path")) if isinstance(
+            body, dict) else (None, None)
+        if not isinstance(name, str) or not isinstance(path, str):
+            self.answer(conn, request, 400, bodies.error(
+                400, "lora_name and lora_path are required", "BadRequestError"))
+        elif name in self.adapters:
+            self.answer(conn, request, 400, bodies.error(
+                400, f"The lora adapter '{name}' has already been loaded.", "InvalidUserInput"))
+        else:
+            self.adapters[name] = path
+            self.answer(conn, request, 200,
+                        f"Success: LoRA adapter '{name}' added successfully.".encode(),
+                        b"text/plain; charset=utf-8")
 
     def view(self, conn: Connection, request: Request) -> None:
         self.answer(conn, request, 200, bodies.compact(self.stats.view()))
@@ -198,7 +218,7 @@ class StandIn(App):
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             self.answer(conn, request, 400, bodies.error(400, "messages: field required",
                                                          "BadRequestError"))
-        elif body.get("model") != self.served:
+        elif body.get("model") != self.served and body.get("model") not in self.adapters:
             self.answer(conn, request, 404, bodies.error(
                 404, f"The model `{body.get('model')}` does not exist.", "NotFoundError",
                 "model"))
@@ -213,7 +233,7 @@ class StandIn(App):
             data = bodies.json_body(int(body["load_body_bytes"] or 100),
                                     hashlib.sha256(text.encode()).hexdigest())
         else:
-            data = bodies.completion(f"chatcmpl-{next(self.ids):016x}", self.served,
+            data = bodies.completion(f"chatcmpl-{next(self.ids):016x}", body["model"],
                                      int(body.get("max_tokens") or DEFAULT_TOKENS))
 
         def send() -> None:
@@ -263,7 +283,7 @@ class StandIn(App):
         if "load_events" not in body:
             tokens = max(1, int(body.get("max_tokens") or DEFAULT_TOKENS))
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return bodies.chat_steps(f"chatcmpl-{next(self.ids):016x}", self.served, tokens,
+            return bodies.chat_steps(f"chatcmpl-{next(self.ids):016x}", body["model"], tokens,
                                      usage, bool(body.get("bench_stamp"))), tokens
         stream, events = int(body.get("load_stream") or 0), int(body["load_events"] or 0)
         if events == 0:

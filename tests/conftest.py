@@ -18,7 +18,15 @@ from pytest_httpserver import HTTPServer
 from fakes.platform import Platform
 from fakes.vllm import free_port
 from proxy import Proxy
-from real_vllm import LOCAL_KEY, REPO, RealEndpoint, health_200, make_target, ping_200
+from real_vllm import (
+    LOCAL_KEY,
+    NO_COMPILE,
+    REPO,
+    RealEndpoint,
+    health_200,
+    make_target,
+    ping_200,
+)
 from relay import Pacing
 from support import SERVED, StandIn, proxy_to
 from workers import Worker, kill_worker, start_worker
@@ -48,19 +56,24 @@ def proxy(fake_vllm: HTTPServer) -> Proxy:
 
 @pytest.fixture(scope="session")
 def real_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEndpoint]:
-    """`make run`, as the README says, started once per session (vLLM loads in about a
-    minute on two cores); stopped with SIGTERM at the end, leaving no vLLM process."""
+    """`make run`, as the README says (without the compile, which test_e2e_cache.py
+    covers), started once per session; stopped with SIGTERM at the end, leaving no vLLM
+    process."""
     with make_target("run", tmp_path_factory.mktemp("real-endpoint"), "local", health_200,
-                     LOCAL_API_KEY=LOCAL_KEY) as served:
+                     LOCAL_API_KEY=LOCAL_KEY, **NO_COMPILE) as served:
         yield served
 
 
 @pytest.fixture(scope="session")
 def real_lb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEndpoint]:
     """`make run-lb`, as the README says: the load-balancing server in front of its own real
-    vLLM, once per session; test_e2e_lb.py ends it last, with SIGTERM during streams."""
-    with make_target("run-lb", tmp_path_factory.mktemp("real-lb"), "lb", ping_200,
-                     API_KEY=LOCAL_KEY, SHUTDOWN_GRACE_PERIOD="3") as served:
+    vLLM, once per session; test_e2e_lb.py ends it last, with SIGTERM during streams. Its
+    "volume" cannot hold the compile cache (a file stands where the folder would be: root
+    writes through permissions), so vLLM keeps its default one."""
+    tmp = tmp_path_factory.mktemp("real-lb")
+    (tmp / "vllm-cache").write_text("not a folder")
+    with make_target("run-lb", tmp, "lb", ping_200, API_KEY=LOCAL_KEY,
+                     SHUTDOWN_GRACE_PERIOD="3", VLLM_CACHE_ROOT="", **NO_COMPILE) as served:
         yield served
 
 

@@ -73,10 +73,36 @@ def worker_vllm_names(out: str) -> None:
     assert "note: MODEL_REVISION is worker-vllm's name for REVISION" in out
 
 
-# Run in the project's folder with MODEL_PATH set to a model folder: no endpoint needed.
+def adapter_found(out: str) -> None:
+    command = next(line for line in out.splitlines() if "--served-model-name" in line)
+    assert "LoRA adapter support-bot: acme/support-bot-lora in the cache" in out
+    assert "--enable-lora" in command and '--lora-modules \'{"name": "support-bot"' in command
+
+
+# Run in the project's folder with MODEL_PATH set to a model folder and the adapter
+# acme/support-bot-lora in HF_HOME's cache: no endpoint needed.
 SETTINGS_EXAMPLES: dict[str, Callable[[str], None]] = {
     "settings-flags": flags_by_variable,
     "settings-worker-vllm": worker_vllm_names,
+    "settings-lora": adapter_found,
+}
+
+
+def adapter_listed(out: str) -> None:
+    models = {m["id"]: m["parent"] for m in json.loads(out)["data"]}
+    assert models["support-bot"] == "tiny-chat" and models["tiny-chat"] is None
+
+
+def adapter_answered(out: str) -> None:
+    answer = json.loads(out)
+    assert answer["status"] == "COMPLETED"
+    assert answer["output"][0]["model"] == "customer-42"
+
+
+# Run in test_e2e_lora.py, against a worker serving those adapters.
+LORA_EXAMPLES: dict[str, Callable[[str], None]] = {
+    "curl-lora-models": adapter_listed,
+    "runsync-lora": adapter_answered,
 }
 
 

@@ -20,6 +20,10 @@ from fakes.vllm import free_port
 from supervisor import group_members
 
 REPO = Path(__file__).resolve().parent.parent
+# Real starts that test something else than the compile: vLLM compiles nothing (30 s of
+# two cores saved per start; vLLM's compile cache is keyed by the model's path, which
+# differs between the tests' "volumes", so no start would find another's).
+NO_COMPILE = {"ENFORCE_EAGER": "true"}
 
 
 LOCAL_KEY = "local-test-key-0123"
@@ -91,8 +95,8 @@ def real_env(tmp: Path, **extra: str) -> dict[str, str]:
 def make_target(target: str, tmp: Path, kind: str, ready: Callable[[RealEndpoint], bool],
                 **env: str) -> Iterator[RealEndpoint]:
     """`make <target>` in its own process group until `ready`; on exit SIGTERM, and every
-    process of it, vLLM's included, must be gone."""
-    port, vllm_port = free_port(), free_port()
+    process of it, vLLM's included (a second model's on the next port), must be gone."""
+    port, vllm_port = free_port(), free_port(2)
     log = tmp / f"{target}.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
@@ -119,7 +123,8 @@ def make_target(target: str, tmp: Path, kind: str, ready: Callable[[RealEndpoint
         while group_members(process.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         process.wait()
-        leftovers = group_members(process.pid) + vllm_processes(vllm_port)
+        leftovers = [*group_members(process.pid), *vllm_processes(vllm_port),
+                     *vllm_processes(vllm_port + 1)]
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
         assert not leftovers, f"processes left after SIGTERM: {leftovers}"

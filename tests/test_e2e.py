@@ -200,6 +200,15 @@ def test_openwebuis_default_chat_with_thirty_tools_streams(served: RealEndpoint)
     assert "--tool-call-parser hermes" in served.log_text()
 
 
+def test_the_routes_are_read_from_vllms_start_up_log_not_asked_for(
+        served: RealEndpoint) -> None:
+    """Asking vLLM's /openapi.json would cost the start over a second; the admin routes
+    and the embedding routes (tests above and in test_e2e_models.py) show the list is right."""
+    log = served.log_text()
+    assert "Route: /v1/chat/completions, Methods: POST" in log
+    assert "GET /openapi.json" not in log[:log.index("Serving tiny-chat")]
+
+
 def test_vllm_listens_on_loopback_only(served: RealEndpoint) -> None:
     port = int(served.vllm_url.rsplit(":", 1)[1])
     listening = []

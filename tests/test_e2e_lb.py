@@ -29,6 +29,18 @@ def test_ping_said_204_while_vllm_loaded_then_200(real_lb: RealEndpoint) -> None
     assert len(said) > 10, "vLLM took its time to load, and /ping answered meanwhile"
 
 
+def test_a_volume_that_cannot_hold_the_compile_cache_leaves_vllms_default(
+        real_lb: RealEndpoint) -> None:
+    """The fixture's volume has a file where the cache folder would be; vLLM came up."""
+    blocked = real_lb.log.parent / "vllm-cache"
+    assert blocked.read_text() == "not a folder"
+    default = os.path.expanduser("~/.cache/vllm")
+    assert (f"compile cache in vLLM's default {default}: {blocked}/tiny-chat-"
+            in real_lb.log_text())
+    assert "cannot be written" in real_lb.log_text()
+    assert "Start-up of tiny-chat: located in " in real_lb.log_text()
+
+
 @pytest.mark.parametrize("path", ["/collective_rpc", "/sleep", "/v1/load_lora_adapter",
                                   "/reset_prefix_cache", "/metrics", "/pause", "/docs"])
 def test_vllms_admin_routes_are_404s_that_never_reach_it(real_lb: RealEndpoint,

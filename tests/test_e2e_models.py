@@ -22,7 +22,7 @@ import pytest
 
 from fakes.vllm import free_port
 from readme_checks import EMBEDDING_EXAMPLES
-from real_vllm import LOCAL_KEY, REPO, RealEndpoint, vllm_processes
+from real_vllm import LOCAL_KEY, NO_COMPILE, REPO, RealEndpoint, vllm_processes
 from supervisor import group_members
 from support import run_readme_example
 
@@ -61,7 +61,8 @@ def models_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEn
            "VLLM_PORT": str(vllm_port), "HF_HUB_OFFLINE": "1", "LOCAL_API_KEY": LOCAL_KEY,
            "GPU_MEMORY_UTILIZATION": "0.3", "VLLM_CPU_KVCACHE_SPACE": "1",
            "VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "VLLM_STARTUP_TIMEOUT": "400",
-           "VLLM_EXTRA_ARGS": "--no-enable-chunked-prefill"}
+           "VLLM_EXTRA_ARGS": "--no-enable-chunked-prefill",
+           **NO_COMPILE}
     env.pop("MODEL_PATH", None)
     log = tmp / "endpoint.log"
     with log.open("wb") as sink:

@@ -39,6 +39,8 @@ LEFT_OUT = {
             "deploys a queue endpoint",
     "PORT_HEALTH": "the same",
     "API_KEY": "for the image run outside Runpod, which checks its own key",
+    "VLLM_CACHE_ROOT": "vLLM's own cache variable, for those who set it already; "
+                       "COMPILE_CACHE_ON_VOLUME is the switch offered",
 }
 # Besides the worker's own settings, the Hub form may offer any vLLM flag by its variable.
 FLAG_VARIABLES = set(BY_VARIABLE) | set(ALIASES)

@@ -9,13 +9,14 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 # Bottom to top; a module may import from its own layer or any layer below, never above.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "masking", "vllm_flags", "http_limits"),
+    ("errors", "masking", "vllm_flags", "http_limits", "compile_cache", "startup_timeline"),
     ("sse", "settings_table", "model_locator", "model_info"),
     ("env_names", "config_file"),
     ("settings",),
-    ("parsers", "relay", "vllm_command"),
+    ("parsers", "relay", "vllm_command", "lora"),
     ("routes", "launch_plan"),
     ("supervisor", "proxy", "preflight"),
+    ("lora_loader",),
     ("serving",),
     ("lb_endpoint", "local_jobs", "diagnostic"),
     ("handler",),

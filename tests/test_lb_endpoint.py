@@ -20,6 +20,7 @@ import pytest
 
 from fakes.vllm import free_port
 from supervisor import group_members
+from tiny_adapter import build
 from workers import (
     CHAT,
     SERVED,
@@ -272,3 +273,32 @@ def test_a_failed_start_exits_1_naming_the_cause(start_lb: Callable[..., LoadBal
     server = start_lb(FAKE_VLLM_EXIT_AFTER="0", FAKE_VLLM_EXIT_CODE="3")
     assert server.worker.exit_code(timeout=20) == 1
     assert "Start-up failed: vLLM exited with code 3 during start-up." in server.worker.log()
+
+
+def test_adapters_static_and_on_demand_are_served_and_listed_with_their_parent(
+        start_lb: Callable[..., LoadBalanced], tmp_path: Path) -> None:
+    build(tmp_path / "static")
+    build(tmp_path / "second", seed=3)
+    build(tmp_path / "adapters" / "late", seed=2)
+    (tmp_path / "adapters" / "broken").mkdir()
+    server = start_lb(LORA_MODULES=f"static={tmp_path / 'static'} second={tmp_path / 'second'}",
+                      LORA_DIR=str(tmp_path / "adapters")).ready()
+
+    def listed() -> list[tuple[str, str | None]]:
+        return [(m["id"], m["parent"]) for m in httpx.get(f"{server.url}/v1/models").json()["data"]]
+
+    assert listed() == [(SERVED, None), ("static", SERVED), ("second", SERVED)]
+    body = chat(model="late", stream=True, max_tokens=3)
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as answer:
+        events = sse_data(answer.read().decode())
+    broken = httpx.post(f"{server.url}/v1/chat/completions", json=chat(model="broken"))
+
+    assert answer.status_code == 200 and json.loads(events[0])["model"] == "late"
+    assert listed() == [(SERVED, None), ("static", SERVED), ("second", SERVED),
+                        ("late", SERVED)]
+    loads = [r["body"] for r in server.worker.vllm_requests()
+             if r["path"] == "/v1/load_lora_adapter"]
+    assert loads == [{"lora_name": "late", "lora_path": str(tmp_path / "adapters" / "late")}]
+    assert broken.status_code == 400
+    assert broken.json()["error"]["message"] == (
+        f"LoRA adapter broken: {tmp_path / 'adapters' / 'broken'} has no adapter_config.json.")

@@ -53,9 +53,9 @@ def test_worker_vllms_hub_defaults_load_and_give_vllm_the_same_choices() -> None
         "--tensor-parallel-size", "1", "--reasoning-parser", "openai_gptoss",
         "--block-size", "16", "--no-disable-custom-all-reduce", "--no-disable-sliding-window",
         "--distributed-executor-backend", "mp", "--enable-chunked-prefill",
-        "--no-enable-expert-parallel", "--no-enable-log-requests", "--no-enable-lora",
+        "--no-enable-expert-parallel", "--no-enable-log-requests",
         "--no-enable-prefix-caching", "--no-enforce-eager", "--no-fully-sharded-loras",
-        "--max-logprobs", "20", "--max-loras", "1", "--max-lora-rank", "16",
+        "--max-logprobs", "20", "--max-loras", "1",  # LoRA off: no LoRA flags of its own
         "--max-num-seqs", "256", "--max-parallel-loading-workers", "1",
         "--pipeline-parallel-size", "1", "--no-ray-workers-use-nsight", "--seed", "0",
         "--no-skip-tokenizer-init", "--no-trust-remote-code", "--response-role", "assistant"]

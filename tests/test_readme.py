@@ -11,14 +11,21 @@ from pathlib import Path
 import pytest
 
 import figures
-from readme_checks import CHECKS, EMBEDDING_EXAMPLES, LB_EXAMPLES, SETTINGS_EXAMPLES
+from readme_checks import (
+    CHECKS,
+    EMBEDDING_EXAMPLES,
+    LB_EXAMPLES,
+    LORA_EXAMPLES,
+    SETTINGS_EXAMPLES,
+)
 from real_vllm import REPO, RealEndpoint
 from support import readme_examples, run_readme_example
+from tiny_adapter import build
 
 
 def test_every_readme_example_is_checked() -> None:
     assert set(readme_examples()) == set(CHECKS) | set(EMBEDDING_EXAMPLES) | set(
-        SETTINGS_EXAMPLES) | set(LB_EXAMPLES)
+        SETTINGS_EXAMPLES) | set(LB_EXAMPLES) | set(LORA_EXAMPLES)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
@@ -50,6 +57,10 @@ def test_readme_settings_example_runs_as_written(name: str, tmp_path: Path) -> N
     folder.mkdir()
     (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     (folder / "model.safetensors").write_bytes(b"\0" * 8)
+    adapter = tmp_path / "hf" / "hub" / "models--acme--support-bot-lora"
+    build(adapter / "snapshots" / "5e6f7a")
+    (adapter / "refs").mkdir()
+    (adapter / "refs" / "main").write_text("5e6f7a")
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"),
            "MODEL_PATH": str(folder)}
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=REPO, env=env,

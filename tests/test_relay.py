@@ -125,6 +125,29 @@ def test_a_role_chunk_waits_for_the_first_token_however_late_it_comes() -> None:
     asyncio.run(scenario())
 
 
+def test_an_instant_consumer_gets_the_role_chunk_at_once_and_the_token_unpaced() -> None:
+    """The local endpoint's consumer takes no time: nothing to hold the role chunk for,
+    and the first token still goes the moment it comes, not a flush interval later."""
+
+    async def scenario() -> None:
+        source = Source()
+        stream = StreamRelay(aiter(source), Pacing(flush_interval=60, hold_preamble=False)
+                             ).__aiter__()
+        source.send(ROLE.encode())
+        assert await asyncio.wait_for(anext(stream), 5) == ROLE
+        source.send(TOKEN.encode())
+        assert await asyncio.wait_for(anext(stream), 5) == TOKEN, "at once, not after 60 s"
+        source.send(TOKEN.encode())
+        later = asyncio.ensure_future(anext(stream))
+        for _ in range(20):  # paced from the first token on
+            await asyncio.sleep(0)
+        assert not later.done()
+        source.end()
+        assert await asyncio.wait_for(later, 5) == TOKEN
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize(("kind", "preamble", "output"), [
     (StreamKind.RESPONSES,
      "event: response.created\ndata: {}\n\nevent: response.in_progress\ndata: {}\n\n"

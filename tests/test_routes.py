@@ -4,6 +4,7 @@ fake vLLM: every input shape, every route, model picking, bad input, answer shap
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -168,6 +169,18 @@ def test_an_unknown_model_is_a_404_listing_the_served_ones(fake_vllm: HTTPServer
     assert error["code"] == 404 and error["message"] == (
         "The model `gpt-4` is not served here; served models: chat, embed.")
     assert fake_vllm.log == []
+
+
+def test_a_job_naming_an_adapter_goes_to_its_bases_vllm_and_the_404_lists_adapters(
+        fake_vllm: HTTPServer) -> None:
+    proxy = two_models(fake_vllm)
+    proxy.targets = [proxy.targets[0], replace(proxy.targets[1], adapters=frozenset({"tuned"}))]
+    fake_vllm.expect_request("/embed/v1/embeddings").respond_with_json({"who": "embed"})
+    assert run_job(proxy, {"input": "x", "model": "tuned"}) == [{"who": "embed"}]
+    error = job_error(run_job(proxy, {"messages": [], "model": "tunned"}))
+    assert error["code"] == 404 and error["message"] == (
+        "The model `tunned` is not served here; served models: chat, embed; LoRA adapters: "
+        "tuned.")
 
 
 def test_models_lists_every_served_model(fake_vllm: HTTPServer) -> None:
