@@ -197,6 +197,7 @@ class LoraPlan:
 def plan(settings: Settings, located: Sequence[tuple[ModelSettings, Location]]) -> LoraPlan:
     """Every static adapter found, checked and routed; the LoRA rank; SettingsError."""
     models = [model for model, _ in located]
+    locations = {model.served_name: location for model, location in located}
     adapters = []
     for item in parse_modules(settings.lora_modules) if settings.lora_modules else []:
         name = str(item["name"])
@@ -208,8 +209,7 @@ def plan(settings: Settings, located: Sequence[tuple[ModelSettings, Location]]) 
             config = read_adapter(folder, name)
             base, why = pick_base(name, item["base"], config.get("base_model_name_or_path"),
                                   models)
-            location = dict((m.served_name, loc) for m, loc in located)[base]
-            check_fits(folder, name, model_sizes(location), base)
+            check_fits(folder, name, model_sizes(locations[base]), base)
         except AdapterError as exc:
             raise SettingsError(f"{exc}.") from None
         adapters.append(Adapter(name, str(folder), base, config["r"], f"{found}; to {base}: "
@@ -220,9 +220,7 @@ def plan(settings: Settings, located: Sequence[tuple[ModelSettings, Location]]) 
     if settings.max_lora_rank is not None:
         if largest > settings.max_lora_rank:
             worst = max(adapters, key=lambda a: a.rank)
-            raise SettingsError(f"LoRA adapter {worst.name} has rank {worst.rank}, above "
-                                f"MAX_LORA_RANK={settings.max_lora_rank}: set MAX_LORA_RANK to "
-                                f"{fitting_rank(worst.rank)} or more.")
+            raise SettingsError(too_high(worst.name, worst.rank, settings.max_lora_rank) + ".")
         return LoraPlan(tuple(adapters), settings.max_lora_rank, None)
     if largest <= DEFAULT_RANK:
         return LoraPlan(tuple(adapters), DEFAULT_RANK, None)
@@ -236,17 +234,22 @@ def fitting_rank(rank: int) -> int:
     return next((r for r in RANKS if r >= rank), RANKS[-1])
 
 
+def in_folder(lora_dir: str, name: str) -> bool:
+    """Whether `name` is an adapter folder's name in LORA_DIR (a plain name only: never a
+    path outside it)."""
+    return bool(SAFE_NAME.match(name)) and (Path(lora_dir) / name).is_dir()
+
+
 def check_on_demand(lora_dir: str, name: str, max_rank: int) -> tuple[Path, dict[str, Any]]:
-    """An adapter of LORA_DIR a request names, checked before it is loaded: its folder and
-    config. FileNotFoundError when LORA_DIR has no such folder; AdapterError otherwise."""
-    if not SAFE_NAME.match(name):
-        raise FileNotFoundError(name)  # not a folder name: never a path outside LORA_DIR
+    """An adapter folder of LORA_DIR (see `in_folder`) a request names, checked before it
+    is loaded: its folder and config, or AdapterError."""
     folder = Path(lora_dir) / name
-    if not folder.is_dir():
-        raise FileNotFoundError(name)
     config = read_adapter(folder, name)
     if config["r"] > max_rank:
-        raise AdapterError(f"LoRA adapter {name} has rank {config['r']}, above this worker's "
-                           f"MAX_LORA_RANK={max_rank}: set MAX_LORA_RANK to "
-                           f"{fitting_rank(config['r'])} or more")
+        raise AdapterError(too_high(name, config["r"], max_rank, " this worker's"))
     return folder, config
+
+
+def too_high(name: str, rank: int, max_rank: int, whose: str = "") -> str:
+    return (f"LoRA adapter {name} has rank {rank}, above{whose} MAX_LORA_RANK={max_rank}: "
+            f"set MAX_LORA_RANK to {fitting_rank(rank)} or more")

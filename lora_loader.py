@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 
 from errors import ProxyError, from_upstream
-from lora import AdapterError, check_fits, check_on_demand, pick_base
+from lora import AdapterError, check_fits, check_on_demand, in_folder, pick_base
 from proxy import Proxy
 from routes import Target
 from settings import ModelSettings, SettingsError
@@ -46,9 +46,11 @@ class AdapterLoader:
         return any(target.serves(model) for target in self.proxy.targets)
 
     async def ensure(self, model: object) -> None:
-        """Load `model` from LORA_DIR if it names an adapter there not loaded yet."""
-        if not isinstance(model, str) or self.known(model):
-            return
+        """Load `model` from LORA_DIR if it names an adapter there not loaded yet (a lock
+        per folder, not per name asked for: clients may send any name)."""
+        if not isinstance(model, str) or self.known(model) \
+                or not in_folder(self.on_demand.folder, model):
+            return  # not an adapter of LORA_DIR: the request gets the usual 404
         async with self._locks[model]:
             if self.known(model):
                 return
@@ -60,8 +62,6 @@ class AdapterLoader:
             folder, config = check_on_demand(d.folder, name, d.max_rank)
             base, why = pick_base(name, None, config.get("base_model_name_or_path"), d.models)
             check_fits(folder, name, d.sizes.get(base, {}), base)
-        except FileNotFoundError:
-            return  # not an adapter of LORA_DIR: the request gets the usual 404
         except (AdapterError, SettingsError) as exc:
             raise ProxyError(400, f"{exc}.", "model") from None
         target = next(t for t in self.proxy.targets if t.name == base)
@@ -79,5 +79,3 @@ class AdapterLoader:
     def _add(self, target: Target, name: str) -> None:
         self.proxy.targets = [replace(t, adapters=t.adapters | {name}) if t is target else t
                               for t in self.proxy.targets]
-
-

@@ -221,14 +221,12 @@ def pick(targets: Sequence[Target], name: object) -> Target:
 
 
 def requested_model(job_input: object) -> object:
-    """The `model` a job input names, in any of its shapes (None when it names none)."""
-    if not isinstance(job_input, dict):
+    """The `model` a job input names, read as `resolve` reads it (None when it names none
+    or the input is bad: `resolve` says why)."""
+    try:
+        return _request_body(job_input)[3].get("model")
+    except ProxyError:
         return None
-    for body in (job_input.get("openai_input"), job_input.get("body"),
-                 job_input.get("sampling_params"), job_input):
-        if isinstance(body, dict) and "model" in body:
-            return body["model"]
-    return None
 
 
 def _plain_route(body: dict[str, Any], target: Target, prompt_max_tokens: int
@@ -286,16 +284,16 @@ def _from_worker_vllm(job_input: dict[str, Any]) -> tuple[dict[str, Any], str | 
     return shaped, method or ("POST" if "openai_input" in shaped else "GET")
 
 
-def resolve(job_input: object, targets: Sequence[Target], prompt_max_tokens: int,
-            pacing: Pacing) -> JobRequest:
-    """What a job input asks for (see the module docstring), or ProxyError."""
+def _request_body(job_input: object
+                  ) -> tuple[dict[str, Any], str | None, str | None, dict[str, Any]]:
+    """(the input in the platform's shape, the method worker-vllm's shape asked for, the
+    OpenAI route, the request body), or ProxyError."""
     if not isinstance(job_input, dict):
         raise ProxyError(400, f"The job input must be a JSON object; {SHAPES}.")
     asked_method = None
     if "route" in job_input and "openai_route" not in job_input:
         job_input, asked_method = _from_worker_vllm(job_input)
     route = job_input.get("openai_route")
-    answer = Answer.AS_IS
     if "openai_input" in job_input:
         body = job_input["openai_input"]
         if not isinstance(body, dict):
@@ -311,6 +309,14 @@ def resolve(job_input: object, targets: Sequence[Target], prompt_max_tokens: int
     else:
         body = _plain_body(job_input)
     _check_types(body)
+    return job_input, asked_method, route, body
+
+
+def resolve(job_input: object, targets: Sequence[Target], prompt_max_tokens: int,
+            pacing: Pacing) -> JobRequest:
+    """What a job input asks for (see the module docstring), or ProxyError."""
+    job_input, asked_method, route, body = _request_body(job_input)
+    answer = Answer.AS_IS
     target = pick(targets, body.get("model"))
     if route is not None:
         path, method, kind = resolve_route(route)

@@ -30,7 +30,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
 from enum import Enum
 
 from launch_plan import plan_launches
@@ -141,9 +140,6 @@ class Service:
         else:
             launches = plan_launches(settings, self.env)
             start_upstreams(launches, settings.startup_timeout, self.fleet, settings.secrets)
-            for upstream, launch in zip(self.upstreams, launches, strict=True):
-                upstream.target = replace(upstream.target, adapters=frozenset(
-                    adapter.name for adapter in launch.adapters))
         self.proxy = make_proxy(settings, self.upstreams, self.hold_preamble)
         if settings.lora_dir and not settings.vllm_base_url:
             self.proxy.loader = AdapterLoader(self.proxy, OnDemand(

@@ -298,7 +298,9 @@ def start_upstreams(launches: Sequence[Launch], timeout: float, fleet: Fleet,
                      show(launch.argv, secrets))
             timeline = Timeline(launch.model.served_name, launch.weights_bytes,
                                 launch.located_in)
-            fleet.add(Upstream(Target(launch.model.served_name, launch.base_url),
+            adapters = frozenset(adapter.name for adapter in launch.adapters)
+            fleet.add(Upstream(Target(launch.model.served_name, launch.base_url,
+                                      adapters=adapters),
                                VllmChild(launch.argv, launch.env, on_line=timeline.feed),
                                timeline))
         for upstream in fleet.upstreams:  # they load in parallel: waiting in turn costs nothing

@@ -92,3 +92,13 @@ def test_vllm_refusing_the_load_is_the_jobs_error(fake_vllm: HTTPServer, lora_di
     assert error["code"] == 400
     assert error["message"] == "LoRA adapter customer-a could not be loaded: Invalid LoRA adapter"
     assert proxy.targets[0].adapters == frozenset(), "not routed: it is not loaded"
+
+
+def test_names_that_are_no_folder_of_lora_dir_leave_nothing_behind(
+        fake_vllm: HTTPServer, lora_dir: Path) -> None:
+    """Clients may send any model name: none may cost the worker memory for good."""
+    proxy = loaded_proxy(fake_vllm, lora_dir)
+    for number in range(50):
+        assert job_error(run_job(proxy, {"messages": [], "model": f"typo-{number}"}))["code"] \
+            == 404
+    assert proxy.loader is not None and not proxy.loader._locks  # type: ignore[attr-defined]
