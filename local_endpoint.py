@@ -11,36 +11,41 @@ health, supervision), then serves, for any endpoint id:
 Jobs run through the handler as the Runpod SDK runs them (`local_jobs.py`). The
 OpenAI path answers as an OpenAI server: SSE written as each yield comes, JSON
 otherwise, and a failed job's HTTP status and error body; a client that goes away
-cancels its job.
+cancels its job. Its job runs in the request's own task, with no router, queue or
+extra task between the handler's yields and the client.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
+import re
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from errors import ProxyError, error_body, parse_job_error
 from handler import make_handler
 from http_limits import Server, config
-from local_jobs import Job, Jobs, follow
+from local_jobs import Job, Jobs
 from serving import serving
 
 log = logging.getLogger("worker.local")
 STREAM_POLL_SECONDS = 5.0  # /stream waits this long for news (the runpod client times out at 10)
 RUNSYNC_WAIT_MS = 90_000  # /runsync's default wait, as Runpod's
-T = TypeVar("T")
+OPENAI_PATH = re.compile(r"/v2/[^/]+/openai/v1/")
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
+               (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
 class RequireKey:
@@ -77,26 +82,6 @@ async def _read_json(request: Request, limit: int) -> Any:
         raise ProxyError(400, "The request body is JSON nested too deeply to read.") from None
 
 
-async def _until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-_GONE = object()  # what _unless_disconnected gives when the client left first
-
-
-async def _unless_disconnected(request: Request, waiting: Awaitable[T]) -> T | object:
-    """`waiting`'s result, or _GONE (and it cancelled) if the client goes away first."""
-    work = asyncio.ensure_future(waiting)
-    gone = asyncio.create_task(_until_disconnect(request))
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        work.cancel()
-    return work.result() if work.done() and not work.cancelled() else _GONE
-
-
 def _wait_seconds(request: Request) -> float:
     """/runsync's `?wait=` in seconds: whole milliseconds, 1000 to 300000, as Runpod takes."""
     raw = request.query_params.get("wait", str(RUNSYNC_WAIT_MS))
@@ -109,14 +94,14 @@ def _wait_seconds(request: Request) -> float:
 class Endpoint:
     """The endpoint's ASGI app (`app`) around a job table. While `stopping()`, new jobs are
     refused with a 503 and status, stream and cancel calls still work; `in_flight` counts
-    the jobs and the answers still being written, for the drain."""
+    the jobs not yet ended (an OpenAI-path job ends once its answer is written), for the
+    drain."""
 
     def __init__(self, jobs: Jobs, api_key: str | None = None, max_body: int = 20 << 20,
                  stopping: Callable[[], bool] = lambda: False) -> None:
         self.jobs = jobs
         self.max_body = max_body
         self.stopping = stopping
-        self.writing = 0  # OpenAI answers being written now
         base = "/v2/{endpoint_id}"
         routes = [
             Route(f"{base}/run", self._guarded(self.run), methods=["POST"]),
@@ -128,13 +113,21 @@ class Endpoint:
             Route(f"{base}/cancel/{{job_id}}", self._guarded(self.cancel), methods=["POST"]),
             Route(f"{base}/purge-queue", self._guarded(self.purge_queue), methods=["POST"]),
             Route(f"{base}/health", self._guarded(self.health), methods=["GET"]),
-            Route(f"{base}/openai/v1/{{path:path}}", self._guarded(self.openai),
-                  methods=["GET", "POST"]),
         ]
-        self.app: ASGIApp = RequireKey(Starlette(routes=routes), api_key)
+        self.runpod_api = Starlette(routes=routes)
+        self.app: ASGIApp = RequireKey(self._dispatch, api_key)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The OpenAI path straight to `openai` (no routing or middleware on every token's
+        way), the Runpod API through starlette."""
+        openai = OPENAI_PATH.match(scope["path"]) if scope["type"] == "http" else None
+        if openai is not None:
+            await self.openai(scope, receive, send, "/v1/" + scope["path"][openai.end():])
+        else:
+            await self.runpod_api(scope, receive, send)
 
     def in_flight(self) -> int:
-        return self.jobs.unfinished() + self.writing
+        return self.jobs.unfinished()
 
     @staticmethod
     def _guarded(endpoint: Callable[[Request], Awaitable[Response]]
@@ -198,61 +191,73 @@ class Endpoint:
         return JSONResponse({"jobs": counts,
                              "workers": {"idle": int(running == 0), "running": int(running > 0)}})
 
-    async def openai(self, request: Request) -> Response:
-        route = "/v1/" + request.path_params["path"]
+    async def openai(self, scope: Scope, receive: Receive, send: Send, route: str) -> None:
+        """The OpenAI path, in the request's own task: the job's items are written as the
+        handler yields them (SSE), or its one JSON body, or its error's status and body."""
         job_input: dict[str, Any] = {"openai_route": route}
-        if request.method == "POST":
-            job_input["openai_input"] = await _read_json(request, self.max_body)
-        job = self._submit(job_input, "/openai" + route)
-        items = follow(job)
-        first = await _unless_disconnected(request, anext(items, None))
-        if first is _GONE:
-            self.jobs.drop(job)
-            return Response(status_code=499)
-        if first is None:  # ended without output: failed or cancelled
-            await job.wait(lambda: job.done)
-            if job.status == "CANCELLED":
-                return _error(503, "The job was cancelled.")
-            code, body = parse_job_error(job.error or "")
-            return JSONResponse(body, code)
-        if isinstance(first, str):
-            self.writing += 1
-            return _Stream(self._relay(job, first, items), lambda: self._written(job))
-        if await _unless_disconnected(request, job.wait(lambda: job.done)) is _GONE:
-            self.jobs.drop(job)
-            return Response(status_code=499)
-        return JSONResponse(first)
-
-    @staticmethod
-    async def _relay(job: Job, first: str, items: AsyncIterator[Any]) -> AsyncIterator[str]:
-        """A streamed job's yields as they come, and its error if it failed after them."""
-        yield first
-        async for item in items:
-            yield item if isinstance(item, str) else f"data: {json.dumps(item)}\n\n"
-        await job.wait(lambda: job.done)
-        if job.error is not None:
-            yield f"data: {job.error}\n\n"
-
-    def _written(self, job: Job) -> None:
-        """An answer is over, written or not: a job its client left is cancelled."""
-        self.writing -= 1
-        self.jobs.drop(job)
-
-
-class _Stream(StreamingResponse):
-    """An SSE answer that calls `closed` once it is over, however it ended (even when the
-    client left before the first byte, when the body iterator never starts)."""
-
-    def __init__(self, content: AsyncIterator[str], closed: Callable[[], None]) -> None:
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.closed = closed
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            if scope["method"] not in ("GET", "POST"):
+                raise ProxyError(405, f"{scope['method']} is not allowed here: use GET or POST.")
+            if scope["method"] == "POST":
+                job_input["openai_input"] = await _read_json(Request(scope, receive),
+                                                             self.max_body)
+            if self.stopping():
+                raise ProxyError(503, "The worker is stopping: it takes no new jobs.")
+        except ProxyError as exc:
+            await JSONResponse(exc.body(), exc.status)(scope, receive, send)
+            return
+        job = self.jobs.open(job_input, "/openai" + route)
+        task = asyncio.current_task()
+        assert task is not None
+        gone = asyncio.Event()
+        watcher = asyncio.ensure_future(_until_gone(receive, gone, task))
+        started, first = False, None
+        try:
+            async with contextlib.aclosing(self.jobs.follow(job)) as items:
+                first = await anext(items, None)
+                if isinstance(first, str):
+                    await send({"type": "http.response.start", "status": 200,
+                                "headers": SSE_HEADERS})
+                    started = True
+                    await _write(send, first)
+                    async for item in items:
+                        await _write(send, item if isinstance(item, str)
+                                     else f"data: {json.dumps(item)}\n\n")
+                    if job.error is not None:
+                        await _write(send, f"data: {job.error}\n\n")
+                else:
+                    async for _ in items:  # a JSON answer is one item; the job ends here
+                        pass
+        except asyncio.CancelledError:
+            if not (gone.is_set() or job.dropped):
+                raise
+            task.uncancel()
+            if gone.is_set():
+                return
         finally:
-            self.closed()
+            watcher.cancel()
+            self.jobs.close(job)
+        if started:
+            await send({"type": "http.response.body", "body": b""})
+        elif first is not None and job.status == "COMPLETED":
+            await JSONResponse(first)(scope, receive, send)
+        elif job.status == "CANCELLED":
+            await _error(503, "The job was cancelled.")(scope, receive, send)
+        else:
+            code, body = parse_job_error(job.error or "")
+            await JSONResponse(body, code)(scope, receive, send)
+
+
+async def _write(send: Send, text: str) -> None:
+    await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+
+
+async def _until_gone(receive: Receive, gone: asyncio.Event, task: asyncio.Task[Any]) -> None:
+    """Cancel `task` when its client goes away (its job is then cancelled)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+    task.cancel()
 
 
 def _error(status: int, message: str) -> JSONResponse:

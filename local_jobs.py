@@ -9,8 +9,9 @@ kept as jobs change, and finished jobs are forgotten oldest first.
 Retention, as Runpod keeps results: 30 minutes after a job ends (/runsync: 1
 minute), and at most `KEEP_JOBS` jobs and `KEEP_BYTES` of output, whichever
 comes first; a finished job keeps its output, never its input. A job of the
-OpenAI path is not kept at all: its answer goes to the one client that asked,
-item by item through `follow`, and never into the table's output list.
+OpenAI path is not kept at all: it runs in the task of the one client that asked
+(`open`, then `follow`), its items go straight to that client, never into the
+table's output list.
 Deliberate difference from Runpod: nothing is retried.
 """
 
@@ -38,7 +39,7 @@ STATUSES = ("IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED")
 
 
 class Job:
-    """One job: its state as /status shows it, and a condition to wait on changes."""
+    """One job: its state as /status shows it, and what `wait` waits on for changes."""
 
     def __init__(self, job_id: str, job_input: Any, route: str, kept: bool) -> None:
         self.id = job_id
@@ -53,10 +54,10 @@ class Job:
         self.first_item: float | None = None
         self.finished: float | None = None
         self.size = 0  # bytes of output, counted once the job ends
-        self.task: asyncio.Task[None] | None = None
-        self.feed: asyncio.Queue[Any] | None = None if kept else asyncio.Queue()
+        self.task: asyncio.Task[Any] | None = None
+        self.dropped = False  # cancelled by the table (/purge-queue), not by its client
         self._streamed = 0
-        self._changed = asyncio.Condition()
+        self._change = asyncio.Event()
 
     @property
     def done(self) -> bool:
@@ -77,16 +78,18 @@ class Job:
 
     async def wait(self, ready: Callable[[], bool], timeout: float | None = None) -> bool:
         """Wait until `ready()` (re-checked whenever the job changes); False on timeout."""
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(ready), timeout)
-            except TimeoutError:
-                return False
+        try:
+            async with asyncio.timeout(timeout):
+                while not ready():
+                    await self._change.wait()
+        except TimeoutError:
+            return False
         return True
 
-    async def changed(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+    def notify(self) -> None:
+        """Wake every `wait` to check again: the job changed."""
+        self._change.set()
+        self._change = asyncio.Event()
 
     def take_new(self) -> list[Any]:
         """The items that arrived since the last take (what one /stream poll returns)."""
@@ -116,13 +119,23 @@ class Jobs:
         self._counts = dict.fromkeys(STATUSES, 0)
 
     def submit(self, job_input: Any, route: str) -> Job:
+        """A job of the Runpod API (/run, /runsync), run in a task of its own and kept."""
+        job = self._open(job_input, route, kept=True)
+        job.task = asyncio.create_task(self._execute(job))
+        return job
+
+    def open(self, job_input: Any, route: str) -> Job:
+        """A job of the OpenAI path: counted as any other, never kept, run by `follow` in
+        its one client's task, so nothing stands between the handler and the answer."""
+        return self._open(job_input, route, kept=False)
+
+    def _open(self, job_input: Any, route: str, kept: bool) -> Job:
         self._forget_expired()
-        job = Job(f"local-{uuid.uuid4()}", job_input, route, not route.startswith("/openai"))
+        job = Job(f"local-{uuid.uuid4()}", job_input, route, kept)
         self._live[job.id] = job
-        if job.kept:
+        if kept:
             self._jobs[job.id] = job
         self._counts["IN_QUEUE"] += 1
-        job.task = asyncio.create_task(self._execute(job))
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -152,13 +165,10 @@ class Jobs:
         return len(queued)
 
     def drop(self, job: Job) -> None:
-        """Cancel a job without waiting (its client went away)."""
+        """Cancel a job without waiting (/purge-queue)."""
         if job.task is not None and not job.done:
+            job.dropped = True
             job.task.cancel()
-
-    def cancel_all(self) -> None:
-        for job in list(self._live.values()):
-            self.drop(job)
 
     def _move(self, job: Job, status: str) -> None:
         self._counts[job.status] -= 1
@@ -166,6 +176,17 @@ class Jobs:
         job.status = status
 
     async def _execute(self, job: Job) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            async with contextlib.aclosing(self.follow(job)) as items:
+                async for item in items:
+                    job.items.append(item)
+                    job.notify()
+
+    async def follow(self, job: Job) -> AsyncIterator[Any]:
+        """Run `job` in the caller's task once a slot is free, as the SDK runs a handler:
+        its output items as they come. A yielded `{"error": ...}` fails the job and ends
+        it; so does an exception (never shown); leaving early or a cancel cancels it."""
+        job.task = job.task or asyncio.current_task()
         try:
             async with self._slots:
                 job.started = time.monotonic()
@@ -179,31 +200,35 @@ class Jobs:
                             self._move(job, "FAILED")
                             break
                         job.first_item = job.first_item or time.monotonic()
-                        if job.feed is not None:
-                            job.feed.put_nowait(item)
-                        else:
-                            job.items.append(item)
-                            await job.changed()
+                        yield item
             if job.status == "IN_PROGRESS":
                 self._move(job, "COMPLETED")
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             self._move(job, "CANCELLED")
+            raise
         except Exception:  # the SDK turns this into a FAILED job too; never show the traceback
             log.exception("job %s: the handler raised", job.id)
             job.error = json.dumps(error_body(500, "The handler failed; see the worker's log."))
             self._move(job, "FAILED")
         finally:
-            job.input = None
-            job.finished = time.monotonic()
-            del self._live[job.id]
-            if job.feed is not None:
-                job.feed.put_nowait(_END)
-            if job.kept:
-                self._keep(job)
-            first = f"{job.first_item - job.created:.3f} s" if job.first_item else "-"
-            log.info("job %s %s %s: first byte %s, total %.3f s", job.id, job.route, job.status,
-                     first, job.finished - job.created)
-            await job.changed()
+            self._finish(job)
+
+    def close(self, job: Job) -> None:
+        """End a job `follow` never ran (its client left first) as cancelled."""
+        if job.status == "IN_QUEUE" and job.task is None:
+            self._move(job, "CANCELLED")
+            self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        job.input = None
+        job.finished = time.monotonic()
+        del self._live[job.id]
+        if job.kept:
+            self._keep(job)
+        first = f"{job.first_item - job.created:.3f} s" if job.first_item else "-"
+        log.info("job %s %s %s: first byte %s, total %.3f s", job.id, job.route, job.status,
+                 first, job.finished - job.created)
+        job.notify()
 
     def _keep(self, job: Job) -> None:
         job.size = sum(len(i) if isinstance(i, str) else len(json.dumps(i)) for i in job.items)
@@ -226,13 +251,3 @@ class Jobs:
         if self._kept.pop(job.id, None) is not None:
             self._kept_bytes -= job.size
             self._jobs.pop(job.id, None)
-
-
-_END = object()  # the last item of a job's feed
-
-
-async def follow(job: Job) -> AsyncIterator[Any]:
-    """An OpenAI-path job's items as they come, then (if it failed) its error text."""
-    assert job.feed is not None, "only OpenAI-path jobs have a feed"
-    while (item := await job.feed.get()) is not _END:
-        yield item

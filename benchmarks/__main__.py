@@ -123,7 +123,7 @@ FULL = Counts(
     real_concurrency=(1, 16), real_requests=96, real_rounds=3,
     memory_streams=256, memory_tokens=1000, settle=2.0,
     first_rounds=60, first_idle=0.5,
-    serve_prompts=100, serve_cycles=8, serve_warmup=16, serve_concurrency=8,
+    serve_prompts=48, serve_cycles=20, serve_warmup=16, serve_concurrency=8,
     cold_launches=3, cold_requests=48, cold_regimes=cold_start.REGIMES, cold_stand_in=False,
     lora_prompts=64, lora_cycles=4, lora_stand_in=False)
 QUICK = Counts(

@@ -8,15 +8,18 @@ by these paths, in rounds that alternate between them:
 (a) straight to vLLM's `/v1`;
 (c) the local endpoint's `/v2/<id>/openai/v1` (`python local_endpoint.py`);
 (d) the load-balancing server's `/v1` (`python handler.py` with PORT and no job queue);
-(e) for reference, a throwaway ten-line starlette + httpx proxy (reference_proxy.py).
+(e) for reference, a throwaway ten-line starlette + httpx proxy (reference_proxy.py);
+(f) for reference, the floor of any relay: bytes spliced both ways, no HTTP at all
+    (reference_splice.py).
 
 Both worker processes have VLLM_BASE_URL to that vLLM and MAX_CONCURRENCY 512 (never a
-429 here). (e) is not the worker: it shows what the least a Python relay costs on this
-machine at this time, as CPU per token moves with the host's state. A cycle is one round
-per path, all with the same prompts (the cycle's seed; vLLM's prefix cache is off, so each
-round costs vLLM the same), the order rotating from cycle to cycle; a warm-up round per
-path comes first. The client runs every round in one process (vllm_bench_driver.py), so
-vLLM's import is paid once.
+429 here). (e) and (f) are not the worker: (e) shows what the least a Python HTTP relay
+costs on this machine at this time, as CPU per token moves with the host's state, and (f)
+what one more process and two more sockets on the way cost, which no relay avoids. A
+cycle is one round per path, all with the same prompts (the cycle's seed; vLLM's prefix
+cache is off, so each round costs vLLM the same), the order rotating from cycle to cycle;
+a warm-up round per path comes first. The client runs every round in one process
+(vllm_bench_driver.py), so vLLM's import is paid once.
 
 When vLLM was started for this scenario it has core 0 to itself (taskset and
 VLLM_CPU_OMP_THREADS_BIND=0, VLLM_CPU_NUM_OF_RESERVED_CPU=0), and the relaying processes
@@ -24,12 +27,14 @@ and the client share core 1: a GPU machine's split, where the worker does not ta
 from the model. A reused vLLM (`--real-vllm`) is taken as it runs, and nothing is pinned.
 
 Reported per path, over every measured round: TTFT p50 and p99 and ITL p50 as vLLM's
-client counts them (its TTFT is the first chunk with choices: vLLM's role chunk when
-direct; the worker holds that chunk until the first content, so through it the first
-chunk is the first content token, which vLLM writes right after the role chunk), output
-tokens/s (all rounds' output tokens over their durations, and its ratio to (a)'s), the
-median request latency, and each relaying process's CPU per relayed output token:
-utime + stime from /proc/<pid>/stat over its rounds, divided by their output tokens.
+client counts them (its TTFT is the first chunk with choices: vLLM's role chunk, on every
+path, as the local endpoint does not hold it and the load-balancing server relays bytes
+as they come), output tokens/s (all rounds' output tokens over their durations, and its
+ratio to (a)'s), the median request latency, and each relaying process's CPU per relayed
+output token: utime + stime from /proc/<pid>/stat over its rounds, divided by their
+output tokens. Paired: each cycle's TTFT p50 and p99 minus those of the cycle's direct
+round, and its tokens/s over theirs, as the median (and quartiles) over cycles
+(`paired`); the targets are read from these.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from benchmarks.processes import (
     local_endpoint,
     on_core,
     reference_proxy,
+    reference_splice,
     tiny_model,
     vllm_python,
 )
@@ -60,6 +66,7 @@ DIRECT = "(a) vLLM directly"
 LOCAL = "(c) local endpoint /v2/<id>/openai/v1"
 LB = "(d) load-balancing server /v1"
 REFERENCE = "(e) reference: ten-line starlette + httpx proxy"
+SPLICE = "(f) floor: bytes spliced both ways, no HTTP"
 DRIVER = PROJECT / "benchmarks" / "vllm_bench_driver.py"
 
 
@@ -107,8 +114,9 @@ def drive(work: Path, spec: dict[str, Any], core: int | None, timeout: float
     return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
 
-def summary(name: str, measured: list[dict[str, Any]], base: dict[str, Any] | None
+def summary(name: str, measured: list[dict[str, Any]], direct: list[dict[str, Any]] | None
             ) -> dict[str, Any]:
+    """One path's figures over its rounds; beside `direct`'s rounds, when given."""
     ttfts = [t for r in measured for t in r["ttfts"]]
     itls = [t for r in measured for request in r["itls"] for t in request]
     tokens = sum(r["output_tokens"] for r in measured)
@@ -126,11 +134,34 @@ def summary(name: str, measured: list[dict[str, Any]], base: dict[str, Any] | No
         "worker_cpu_us_per_token": round(sum(cpu) / tokens * 1e6, 1) if cpu else None,
         "worker_cpu_s": round(sum(cpu), 2) if cpu else None,
     }
-    if base is not None:
+    if direct is not None:
+        base = summary("", direct, None)
         row.update(ttft_p50_minus_direct_ms=round(row["ttft_p50_ms"] - base["ttft_p50_ms"], 3),
                    ttft_p99_minus_direct_ms=round(row["ttft_p99_ms"] - base["ttft_p99_ms"], 3),
-                   tokens_per_s_ratio=round(row["tokens_per_s"] / base["tokens_per_s"], 3))
+                   tokens_per_s_ratio=round(row["tokens_per_s"] / base["tokens_per_s"], 3),
+                   **paired(measured, direct))
     return row
+
+
+def paired(measured: list[dict[str, Any]], direct: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each cycle's round against the direct round of the same cycle (same prompts, seconds
+    apart), as the median over cycles: vLLM's own speed drifts from one round to another
+    by more than a relay costs, and a drift falls on both rounds of a cycle alike."""
+    by_cycle = {r["seed"]: r for r in direct}
+    pairs = [(r, by_cycle[r["seed"]]) for r in measured if r["seed"] in by_cycle]
+    def ttft(at: float) -> list[float]:
+        return [percentile(r["ttfts"], at) - percentile(d["ttfts"], at) for r, d in pairs]
+
+    p50, p99 = ttft(0.5), ttft(0.99)
+    ratio = [r["output_throughput"] / d["output_throughput"] for r, d in pairs]
+    return {"paired_cycles": len(pairs),
+            "paired_ttft_p50_minus_direct_ms": ms(percentile(p50, 0.5)),
+            "paired_ttft_p50_minus_direct_iqr_ms": [ms(percentile(p50, 0.25)),
+                                                    ms(percentile(p50, 0.75))],
+            "paired_ttft_p99_minus_direct_ms": ms(percentile(p99, 0.5)),
+            "paired_tokens_per_s_ratio": round(percentile(ratio, 0.5), 3),
+            "paired_tokens_per_s_ratio_iqr": [round(percentile(ratio, 0.25), 3),
+                                              round(percentile(ratio, 0.75), 3)]}
 
 
 async def scenario(work: Path, vllm_url: str, model: str, pinned: bool, prompts: int,
@@ -145,8 +176,11 @@ async def scenario(work: Path, vllm_url: str, model: str, pinned: bool, prompts:
         running.callback(lb.stop)
         proxy, proxy_base = await asyncio.to_thread(reference_proxy, work, vllm_url, core)
         running.callback(proxy.stop)
+        splice, splice_base = await asyncio.to_thread(reference_splice, work, vllm_url, core)
+        running.callback(splice.stop)
         paths = [(DIRECT, vllm_url, None), (LOCAL, f"{local_base}/openai", local.pid),
-                 (LB, lb_base, lb.pid), (REFERENCE, proxy_base, proxy.pid)]
+                 (LB, lb_base, lb.pid), (REFERENCE, proxy_base, proxy.pid),
+                 (SPLICE, splice_base, splice.pid)]
         spec = {"vllm_url": vllm_url, "common": common_args(model, concurrency),
                 "rounds": plan(paths, prompts, cycles, warmup)}
         background = Background().start()
@@ -157,9 +191,10 @@ async def scenario(work: Path, vllm_url: str, model: str, pinned: bool, prompts:
         raise RuntimeError(f"requests failed in round {failed[0]['name']}: "
                            f"{failed[0]['errors']}")
     measured = [r for r in rounds if not r["warmup"]]
-    base = summary(DIRECT, [r for r in measured if r["name"] == DIRECT], None)
-    rows = [base] + [summary(name, [r for r in measured if r["name"] == name], base)
-                     for name in (LOCAL, LB, REFERENCE)]
+    direct = [r for r in measured if r["name"] == DIRECT]
+    rows = [summary(DIRECT, direct, None)] + [
+        summary(name, [r for r in measured if r["name"] == name], direct)
+        for name in (LOCAL, LB, REFERENCE, SPLICE)]
     for row in rows:
         row["background_cores"] = cores
     return {"input_tokens": INPUT, "output_tokens": OUTPUT, "concurrency": concurrency,

@@ -97,8 +97,9 @@ def measure(work: Path, prompts: int, cycles: int, warmup: int, concurrency: int
     failed = [r for r in measured if r["failed"]]
     if failed:
         raise RuntimeError(f"requests failed in round {failed[0]['name']}: {failed[0]['errors']}")
-    alone = summary(BASE, [r for r in measured if r["name"] == BASE], None)
-    rows = [alone, summary(ROTATION, [r for r in measured if r["name"] == ROTATION], alone)]
+    base = [r for r in measured if r["name"] == BASE]
+    rows = [summary(BASE, base, None),
+            summary(ROTATION, [r for r in measured if r["name"] == ROTATION], base)]
     load_rows = [{"request": label, "p50_ms": statistics.median(r[key] for r in loads),
                   "max_ms": max(r[key] for r in loads)}
                  for label, key in (("first to an on-demand adapter (loads it)", "first_ms"),

@@ -203,3 +203,16 @@ def reference_proxy(work: Path, vllm_url: str, core: int | None) -> tuple[Proces
     base = f"http://127.0.0.1:{port}"
     process.wait_http(f"{base}/ping", 30)
     return process, base
+
+
+def reference_splice(work: Path, vllm_url: str, core: int | None) -> tuple[Process, str]:
+    """The byte splice (reference_splice.py) to `vllm_url`, accepting; its URL."""
+    port = free_port()
+    upstream = vllm_url.rsplit(":", 1)[1].split("/")[0]
+    process = Process(on_core([sys.executable, "-m", "benchmarks.reference_splice", upstream,
+                               str(port)], core), work / "reference-splice.log", base_env())
+    process.start()
+    base = f"http://127.0.0.1:{port}"
+    process.wait_http(f"{base}/health", 30)  # vLLM's own /health, through the splice
+    return process, base
+

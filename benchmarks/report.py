@@ -100,18 +100,25 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     serve = scenarios.get("8_bench_serve")
     reference = _row(serve["rows"], path="(e) reference: ten-line starlette + httpx proxy") \
         if serve else None
+    floor = _row(serve["rows"], path="(f) floor: bytes spliced both ways, no HTTP") \
+        if serve else None
     cpu = reference["worker_cpu_us_per_token"] if reference else None
     for short, path, p50, below in (
             ("local endpoint", "(c) local endpoint /v2/<id>/openai/v1", 3, False),
             ("load-balancing server", "(d) load-balancing server /v1", 2, True)):
         row = _row(serve["rows"], path=path) if serve else None
-        add(f"bench serve, {short}: TTFT", f"p50 within {p50} ms, p99 within 10 ms of direct",
-            row and f"{row['ttft_p50_minus_direct_ms']:+.2f} / "
-                    f"{row['ttft_p99_minus_direct_ms']:+.2f} ms",
-            row and row["ttft_p50_minus_direct_ms"] <= p50
-            and row["ttft_p99_minus_direct_ms"] <= 10)
-        add(f"bench serve, {short}: tokens/s", "at least 0.95 of direct",
-            row and f"{row['tokens_per_s_ratio']:.3f}", row and row["tokens_per_s_ratio"] >= 0.95)
+        add(f"bench serve, {short}: TTFT",
+            f"p50 within {p50} ms, p99 within 10 ms of direct (paired)",
+            row and f"{row['paired_ttft_p50_minus_direct_ms']:+.2f} / "
+                    f"{row['paired_ttft_p99_minus_direct_ms']:+.2f} ms"
+                    + (f"; (e) {reference['paired_ttft_p50_minus_direct_ms']:+.2f}, "
+                       f"(f) {floor['paired_ttft_p50_minus_direct_ms']:+.2f} ms"
+                       if reference and floor else ""),
+            row and row["paired_ttft_p50_minus_direct_ms"] <= p50
+            and row["paired_ttft_p99_minus_direct_ms"] <= 10)
+        add(f"bench serve, {short}: tokens/s", "at least 0.95 of direct (paired)",
+            row and f"{row['paired_tokens_per_s_ratio']:.3f}",
+            row and row["paired_tokens_per_s_ratio"] >= 0.95)
         used = row["worker_cpu_us_per_token"] if row else None
         add(f"bench serve, {short}: CPU per token",
             f"{'below' if below else 'at most'} the ten-line proxy's (e), beside it",
@@ -154,7 +161,11 @@ SERVE: Columns = [("path", "path"), ("requests", "requests"), ("output_tokens", 
                   ("ttft_p99_minus_direct_ms", "p99 − (a) ms"), ("itl_p50_ms", "ITL p50 ms"),
                   ("latency_p50_ms", "request p50 ms"),
                   ("tokens_per_s", "output tokens/s"), ("tokens_per_s_ratio", "/ (a)"),
-                  ("rounds_tokens_per_s", "each round, tokens/s"),
+                  ("paired_ttft_p50_minus_direct_ms", "paired p50 − (a) ms"),
+                  ("paired_ttft_p50_minus_direct_iqr_ms", "its quartiles"),
+                  ("paired_ttft_p99_minus_direct_ms", "paired p99 − (a) ms"),
+                  ("paired_tokens_per_s_ratio", "paired / (a)"),
+                  ("paired_tokens_per_s_ratio_iqr", "its quartiles"),
                   ("worker_cpu_us_per_token", "relay CPU µs / token"),
                   ("background_cores", "other load (cores)")]
 COLD: Columns = [("regime", "regime"), ("launches", "launches"),
@@ -246,8 +257,14 @@ def _serve(serve: dict[str, Any]) -> str:
             f"{serve['cycles']} cycles of one round per path (the same prompts within a "
             "cycle, the order rotating), after a warm-up round each. TTFT and ITL as vLLM's "
             "client counts them; relay CPU: the relaying process's utime + stime over its "
-            "rounds, per output token. (e) is a throwaway ten-line starlette + httpx proxy, "
-            "not the worker: the least a Python relay costs here, measured beside it.\n\n"
+            "rounds, per output token. Paired: each cycle's round against that cycle's "
+            "direct round (same prompts, seconds apart), as the median (and quartiles) over "
+            "cycles, which the targets read; vLLM's own speed moves from round to round by "
+            "more than a relay costs (the rounds' tokens/s are in results.json). (e) is a "
+            "throwaway ten-line "
+            "starlette + httpx proxy and (f) a splice that copies bytes both ways with no "
+            "HTTP at all; neither is the worker: they show what the least a Python HTTP "
+            "relay, and any relay, costs here, measured beside it.\n\n"
             + table(serve["rows"], SERVE))
 
 

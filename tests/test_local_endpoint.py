@@ -199,6 +199,30 @@ def test_max_concurrency_queues_extra_jobs(fake_vllm: HTTPServer) -> None:
     assert running["most"] == 2
 
 
+def test_a_queued_openai_request_is_counted_and_answers_503_once_purged(
+        fake_vllm: HTTPServer) -> None:
+    release = threading.Event()
+
+    def slow(request: Any) -> Response:
+        release.wait(5)
+        return Response(json.dumps(CHAT), content_type="application/json")
+
+    fake_vllm.expect_request("/v1/chat/completions").respond_with_handler(slow)
+    with LocalEndpoint(fake_proxy(fake_vllm), max_concurrency=1) as endpoint:
+        httpx.post(f"{endpoint.url}/run", json={"input": {"messages": []}})
+        answers: list[httpx.Response] = []
+        waiting = threading.Thread(target=lambda: answers.append(httpx.post(
+            f"{endpoint.url}/openai/v1/chat/completions", json={"messages": []}, timeout=10)))
+        waiting.start()
+        until(lambda: httpx.get(f"{endpoint.url}/health").json()["jobs"]["inQueue"] == 1)
+        purged = httpx.post(f"{endpoint.url}/purge-queue").json()
+        waiting.join(5)
+        release.set()
+        counts = httpx.get(f"{endpoint.url}/health").json()["jobs"]
+    assert purged["removed"] == 1 and counts["cancelled"] == 1 and counts["inQueue"] == 0
+    assert answers[0].status_code == 503 and "cancelled" in answers[0].json()["error"]["message"]
+
+
 def test_an_api_key_guards_every_route(fake_vllm: HTTPServer) -> None:
     fake_vllm.expect_request("/v1/models").respond_with_json({"data": []})
     with LocalEndpoint(fake_proxy(fake_vllm), api_key="s3cret-key") as endpoint:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import local_jobs
-from local_jobs import Jobs, follow
+from local_jobs import Jobs
 
 
 def test_jobs_run_the_handler_the_way_the_sdk_does() -> None:
@@ -74,14 +75,36 @@ def test_retention_is_bounded_in_time() -> None:
     assert local_jobs.KEEP_SECONDS == {"/runsync": 60.0} and local_jobs.DEFAULT_KEEP_SECONDS == 1800
 
 
-def test_openai_path_jobs_are_never_kept_and_feed_their_one_client() -> None:
-    async def scenario() -> tuple[list[Any], bool]:
+def test_openai_path_jobs_run_in_their_clients_task_and_are_never_kept() -> None:
+    async def scenario() -> tuple[list[Any], bool, str, bool, dict[str, int]]:
         jobs = Jobs(echo, 2)
-        job = jobs.submit("hi", "/openai/v1/chat/completions")
-        items = [item async for item in follow(job)]
-        return items, jobs.get(job.id) is None and job.items == []
+        job = jobs.open("hi", "/openai/v1/chat/completions")
+        items = [item async for item in jobs.follow(job)]
+        return (items, jobs.get(job.id) is None and job.items == [], job.status,
+                job.task is asyncio.current_task(), jobs.counts())
 
-    assert run(scenario) == ([{"echo": "hi"}], True)
+    items, not_kept, status, in_own_task, counts = run(scenario)
+    assert items == [{"echo": "hi"}] and not_kept and status == "COMPLETED" and in_own_task
+    assert counts["completed"] == 1 and counts["inProgress"] == counts["inQueue"] == 0
+
+
+def test_an_openai_path_job_left_early_or_never_run_is_cancelled_and_counted() -> None:
+    async def two(job: dict[str, Any]) -> Any:
+        yield "a"
+        yield "b"
+
+    async def scenario() -> tuple[str, str, dict[str, int], int]:
+        jobs = Jobs(two, 2)
+        left = jobs.open({}, "/openai/v1/chat/completions")
+        async with contextlib.aclosing(jobs.follow(left)) as items:
+            await anext(items)
+        never = jobs.open({}, "/openai/v1/chat/completions")
+        jobs.close(never)
+        jobs.close(left)  # already ended: closing it again changes nothing
+        return left.status, never.status, jobs.counts(), jobs.unfinished()
+
+    left, never, counts, unfinished = run(scenario)
+    assert (left, never, counts["cancelled"], unfinished) == ("CANCELLED", "CANCELLED", 2, 0)
 
 
 class Counted(local_jobs.Job):
