@@ -124,9 +124,21 @@ def start_worker(directory: Path, platform: Platform | None, *command: str,
     return Worker(proc, directory, log_file)
 
 
+def _groups_of_children(pid: int) -> list[int]:
+    """The process groups of `pid`'s children (each vLLM has a group of its own)."""
+    groups = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()
+            if int(fields[1]) == pid:
+                groups.append(int(fields[2]))
+    return groups
+
+
 def kill_worker(worker: Worker) -> None:
-    """SIGKILL the worker's group and the stand-in's group; reap (clean-up, also on failure)."""
-    groups = [worker.proc.pid]
+    """SIGKILL the worker's group and its stand-ins' groups (found as its children, and from
+    the pid file); reap (clean-up, also on failure)."""
+    groups = [worker.proc.pid, *_groups_of_children(worker.proc.pid)]
     pid_file = worker.directory / "vllm.pid"
     if pid_file.exists():
         groups.append(int(pid_file.read_text()))
