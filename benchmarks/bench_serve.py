@@ -149,6 +149,7 @@ def paired(measured: list[dict[str, Any]], direct: list[dict[str, Any]]) -> dict
     by more than a relay costs, and a drift falls on both rounds of a cycle alike."""
     by_cycle = {r["seed"]: r for r in direct}
     pairs = [(r, by_cycle[r["seed"]]) for r in measured if r["seed"] in by_cycle]
+
     def ttft(at: float) -> list[float]:
         return [percentile(r["ttfts"], at) - percentile(d["ttfts"], at) for r, d in pairs]
 

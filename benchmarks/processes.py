@@ -215,4 +215,3 @@ def reference_splice(work: Path, vllm_url: str, core: int | None) -> tuple[Proce
     base = f"http://127.0.0.1:{port}"
     process.wait_http(f"{base}/health", 30)  # vLLM's own /health, through the splice
     return process, base
-
