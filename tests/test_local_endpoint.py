@@ -214,7 +214,8 @@ def test_a_queued_openai_request_is_counted_and_answers_503_once_purged(
         waiting = threading.Thread(target=lambda: answers.append(httpx.post(
             f"{endpoint.url}/openai/v1/chat/completions", json={"messages": []}, timeout=10)))
         waiting.start()
-        until(lambda: httpx.get(f"{endpoint.url}/health").json()["jobs"]["inQueue"] == 1)
+        until(lambda: {k: v for k, v in httpx.get(f"{endpoint.url}/health").json()["jobs"].items()
+                       if k in ("inProgress", "inQueue")} == {"inProgress": 1, "inQueue": 1})
         purged = httpx.post(f"{endpoint.url}/purge-queue").json()
         waiting.join(5)
         release.set()
