@@ -1,8 +1,8 @@
 """How each vLLM will be started, decided before anything is spawned.
 
-`plan_launch` is pure apart from reading the model's folder: it locates the
-weights, reads what the model's files say (parsers, longest context), and builds
-the command line. The worker and the diagnostic (`test_vllm_command.py`) both
+`plan_launches` is pure apart from reading the models' folders: it locates the
+weights, reads what the model's files say (parsers, longest context), finds the LoRA
+adapters, and builds each command line. The worker and the diagnostic (`test_vllm_command.py`) both
 call it, so the diagnostic shows exactly what the worker will run. `child_env`
 is the environment the child gets: the worker's, minus what vLLM must not see.
 """
@@ -75,12 +75,6 @@ def plan_launches(settings: Settings, env: Mapping[str, str]) -> list[Launch]:
     adapters = lora.plan(settings, [(model, location) for model, location, _ in located])
     return [_launch(settings, model, location, located_in, adapters, env)
             for model, location, located_in in located]
-
-
-def plan_launch(settings: Settings, model: ModelSettings, env: Mapping[str, str]) -> Launch:
-    """The plan of one model of `settings` (see plan_launches)."""
-    return next(launch for launch in plan_launches(settings, env)
-                if launch.model.served_name == model.served_name)
 
 
 def lora_argv(settings: Settings, adapters: lora.LoraPlan, served_name: str) -> tuple[

@@ -66,7 +66,10 @@ class Timeline:
         self._lock = threading.Lock()
 
     def feed(self, line: str) -> None:
-        """Note the phase `line` ends or the route it lists, if any (never raises)."""
+        """Note the phase `line` ends or the route it lists, if any (never raises); once
+        vLLM is healthy its start is over, and its lines are no longer read."""
+        if self.healthy is not None:
+            return
         try:
             if "Route: " in line and (route := ROUTE.search(line)):
                 with self._lock:

@@ -305,9 +305,9 @@ def start_upstreams(launches: Sequence[Launch], timeout: float, fleet: Fleet,
                                timeline))
         for upstream in fleet.upstreams:  # they load in parallel: waiting in turn costs nothing
             took = wait_healthy(upstream.target.base_url, timeout, upstream.child)
-            if upstream.timeline is not None:
-                upstream.timeline.mark_healthy()
-            logged = upstream.timeline.routes() if upstream.timeline is not None else None
+            assert upstream.timeline is not None  # every upstream started here has one
+            upstream.timeline.mark_healthy()
+            logged = upstream.timeline.routes()
             upstream.target = (replace(upstream.target, routes=logged) if logged is not None
                                else discover_routes(upstream.target))
             log.info("vLLM for %s is healthy after %.1f s", upstream.target.name, took)

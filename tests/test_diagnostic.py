@@ -25,7 +25,7 @@ from pytest_httpserver import HTTPServer
 import diagnostic
 import preflight
 from fakes.vllm import free_port
-from launch_plan import plan_launch
+from launch_plan import plan_launches
 from masking import secret_flag_values, secret_values
 from settings import DEFAULTS, load
 from supervisor import group_members
@@ -88,7 +88,7 @@ def test_a_dry_run_shows_the_model_found_the_served_name_and_the_command(tmp_pat
     assert f"Found model in MODEL_PATH: {folder}" in done.stdout
     assert "served model name (clients send it as `model`): tiny-model" in done.stdout
     settings = load(env)
-    worker = plan_launch(settings, settings.models[0], env)
+    [worker] = plan_launches(settings, env)
     assert f"    {shlex.join(worker.argv)}\n" in done.stdout, "not the worker's own command"
     assert f"--model {tmp_path / 'hf' / '.links' / 'tiny-model'} " in done.stdout
     assert f"loads vLLM {STAND_IN_VERSION}" in done.stdout

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from launch_plan import child_env, plan_launch
+from launch_plan import child_env, plan_launches
 from settings import load
 
 
@@ -25,7 +25,7 @@ def test_an_embedding_model_gets_no_parsers_and_its_own_context_length(tmp_path:
                                              "max_position_embeddings": 512})
     settings = load({"MODEL_NAMES": "tiny-chat;sentence-transformers/all-MiniLM-L6-v2",
                      "HF_HOME": str(home), "TOOL_CALL_PARSER": "hermes"})
-    chat, embed = (plan_launch(settings, model, {}) for model in settings.models)
+    chat, embed = plan_launches(settings, {})
     assert chat.argv[chat.argv.index("--max-model-len") + 1] == "8192"
     assert "--tool-call-parser" in chat.argv
     assert embed.argv[embed.argv.index("--max-model-len") + 1] == "512"
@@ -42,7 +42,7 @@ def test_an_explicit_context_length_is_kept(tmp_path: Path) -> None:
                                              "max_position_embeddings": 512})
     settings = load({"MODEL_NAME": "org/small", "HF_HOME": str(tmp_path / "hf"),
                      "MAX_MODEL_LEN": "1024"})
-    launch = plan_launch(settings, settings.models[0], {})
+    [launch] = plan_launches(settings, {})
     assert launch.argv[launch.argv.index("--max-model-len") + 1] == "1024"
 
 
@@ -67,5 +67,5 @@ def test_sentence_transformers_max_seq_length_caps_the_context(tmp_path: Path) -
     (folder / "sentence_bert_config.json").write_text('{"max_seq_length": 256}')
     settings = load({"MODEL_NAME": "sentence-transformers/all-MiniLM-L6-v2",
                      "HF_HOME": str(tmp_path / "hf")})
-    launch = plan_launch(settings, settings.models[0], {})
+    [launch] = plan_launches(settings, {})
     assert launch.argv[launch.argv.index("--max-model-len") + 1] == "256"

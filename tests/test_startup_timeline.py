@@ -37,6 +37,18 @@ def test_each_phase_is_read_from_its_line() -> None:
     assert "graph capture ?" in summary and summary.endswith("the worker's own after it: 0.25 s")
 
 
+def test_lines_after_healthy_are_not_read() -> None:
+    """Its start is over: vLLM's request log lines cost the pump no pattern matching."""
+    timeline = Timeline("tiny-chat")
+    timeline.feed(CPU_START[1])
+    timeline.mark_healthy()
+    before = timeline.phases()
+    for line in CPU_START[2:]:
+        timeline.feed(line)
+    assert timeline.phases() == before and before["weights_s"] == 0.01
+    assert before["kv_cache_tokens"] is None
+
+
 def test_a_cache_hit_and_a_gpus_lines_are_read_too() -> None:
     timeline = Timeline("m")
     for line in ("Model loading took 12.5 GiB memory and 41.2 seconds",
