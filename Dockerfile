@@ -43,7 +43,8 @@ RUN --mount=type=secret,id=hf_token,required=false \
         && rm -rf /models/baked/.cache; \
     fi
 
-COPY *.py vllm_flags.json ./
+COPY *.py ./
+COPY worker ./worker
 
 # Set here: HF_HOME (read by vLLM and huggingface_hub too, not only by the worker), the
 # interpreter that has vLLM, and where a baked model is. Unbaked, MODEL_NAME, MODEL_PATH and

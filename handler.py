@@ -1,15 +1,15 @@
 """The Runpod serverless worker: `python handler.py`.
 
 A queue endpoint's worker (the platform's job URL, `RUNPOD_WEBHOOK_GET_JOB`, is set):
-start-up happens before the first job (serving.py): settings, weights, every vLLM
+start-up happens before the first job (worker/serve/context.py): settings, weights, every vLLM
 started on loopback and healthy; only then is the handler given to the Runpod SDK,
 which takes jobs as soon as it starts. A load-balancing endpoint's worker (`PORT` set
-and no job URL): the HTTP server of lb_endpoint.py, listening while vLLM starts.
+and no job URL): the HTTP server of worker/serve/load_balancer.py, listening while vLLM starts.
 
 `make_handler(proxy)` is the job handler: an async generator (the SDK streams
 what it yields and, with `return_aggregate_stream`, returns the list of yields
-from /run and /runsync). What it accepts and yields is documented in routes.py
-and proxy.py. Importing this module has no side effects.
+from /run and /runsync). What it accepts and yields is documented in
+worker/requests/contract.py and proxy.py. Importing this module has no side effects.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import lb_endpoint
-from proxy import Proxy
-from serving import Service, load_settings, serving
+from worker.requests.proxy import Proxy
+from worker.serve import load_balancer
+from worker.serve.context import Service, load_settings, serving
 
 log = logging.getLogger("worker")
 Handler = Callable[[dict[str, Any]], AsyncIterator[Any]]
@@ -83,7 +83,7 @@ def main() -> None:
     if settings.load_balancing:
         log.info("Serving a load-balancing endpoint on port %s: PORT is set and there is no "
                  "job queue (RUNPOD_WEBHOOK_GET_JOB is unset)", settings.port)
-        lb_endpoint.serve(Service(settings, os.environ))
+        load_balancer.serve(Service(settings, os.environ))
         return
     log.info("Taking jobs from the Runpod queue: %s", "RUNPOD_WEBHOOK_GET_JOB is set"
              if os.environ.get("RUNPOD_WEBHOOK_GET_JOB") else "PORT is not set")

@@ -135,14 +135,21 @@ def _from_cache(model_name: str, hub: Path, steps: list[str], revision: str | No
     if not snapshots:
         what = f"no snapshot of revision {revision}" if revision else "it has no snapshots"
         steps.append(f"not in the cache {repo_dir}: {what}")
-    for snapshot in snapshots:
-        reason = check_folder(snapshot)
+    return _first_servable(snapshots, steps, "the cache: ", "snapshot ")
+
+
+def _first_servable(candidates: list[Path], steps: list[str], found_in: str = "",
+                    kind: str = "") -> Path | None:
+    """The first candidate folder that can be served, each one tried recorded as a step;
+    GGUF weights end the search with LocatorError."""
+    for folder in candidates:
+        reason = check_folder(folder)
         if reason is None:
-            steps.append(f"Found model in the cache: {snapshot}")
-            return snapshot
+            steps.append(f"Found model in {found_in}{folder}")
+            return folder
         if reason == GGUF_MESSAGE:
-            raise LocatorError(f"{snapshot}: {GGUF_MESSAGE}.")
-        steps.append(f"skipped snapshot {snapshot}: {reason}")
+            raise LocatorError(f"{folder}: {GGUF_MESSAGE}.")
+        steps.append(f"skipped {kind}{folder}: {reason}")
     return None
 
 
@@ -180,18 +187,13 @@ def locate(model_name: str, model_path: str | None, hf_home: str,
     folders = _find_ignoring_case(Path(hf_home), names)
     if not folders:
         steps.append(f"not in {hf_home}: no folder named {', '.join(names)}")
-    for folder in folders:
-        reason = check_folder(folder)
-        if reason is None:
-            steps.append(f"Found model in {folder}")
-            return Location(str(folder), True, tuple(steps))
-        if reason == GGUF_MESSAGE:
-            raise LocatorError(f"{folder}: {GGUF_MESSAGE}.")
-        steps.append(f"skipped {folder}: {reason}")
+    found = _first_servable(folders, steps)
     for hub in hub_caches:
-        found = _from_cache(model_name, Path(hub), steps, revision)
         if found is not None:
-            return Location(str(found), True, tuple(steps))
+            break
+        found = _from_cache(model_name, Path(hub), steps, revision)
+    if found is not None:
+        return Location(str(found), True, tuple(steps))
     at = f" at revision {revision}" if revision else ""
     steps.append(f"not found on disk: vLLM will download {model_name}{at} into {hf_home}")
     return Location(model_name, False, tuple(steps))

@@ -26,10 +26,10 @@ from typing import Any
 import httpx
 
 from handler import make_handler
-from routes import Target
-from serving import make_proxy
-from settings import load
-from supervisor import Upstream
+from worker.serve.context import make_proxy
+from worker.settings.loader import load
+from worker.upstream.supervisor import Upstream
+from worker.upstream.target import Target
 
 CHAT_PATH = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Hello there, how are you?"}]

@@ -17,8 +17,8 @@ from pytest_httpserver import HTTPServer
 
 from fakes.platform import Platform
 from fakes.vllm import free_port
-from proxy import Proxy
-from real_vllm import (
+from support import SERVED, StandIn, proxy_to
+from support.real_vllm import (
     LOCAL_KEY,
     NO_COMPILE,
     REPO,
@@ -27,9 +27,9 @@ from real_vllm import (
     make_target,
     ping_200,
 )
-from relay import Pacing
-from support import SERVED, StandIn, proxy_to
-from workers import Worker, kill_worker, start_worker
+from support.workers import Worker, kill_worker, start_worker
+from worker.requests.proxy import Proxy
+from worker.requests.relay import Pacing
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,8 @@ import inspect
 from typing import Any
 
 from handler import make_handler
-from proxy import Proxy
-from routes import Target
+from worker.requests.proxy import Proxy
+from worker.upstream.target import Target
 
 
 class Recording(Proxy):

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from masking import (
+from worker.launch.command import build_command
+from worker.masking import (
     SECRET_FLAG,
     MaskSecrets,
     is_secret_name,
@@ -19,8 +20,7 @@ from masking import (
     setup_logging,
     show,
 )
-from settings import load
-from vllm_command import build_command
+from worker.settings.loader import load
 
 
 def test_secrets_in_extra_args_are_masked_when_shown() -> None:

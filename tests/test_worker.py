@@ -18,8 +18,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from fakes.platform import Platform
-from supervisor import group_members
-from workers import (
+from support.workers import (
     CHAT,
     SERVED,
     Worker,
@@ -29,6 +28,7 @@ from workers import (
     start_worker,
     wait_until,
 )
+from worker.upstream.supervisor import group_members
 
 # ----------------------------------------------------------------- the worker --
 

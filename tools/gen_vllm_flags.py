@@ -1,9 +1,9 @@
-"""Write vllm_flags.json from the argument parser of the vLLM installed here.
+"""Write worker/settings/vllm_flags.json from the argument parser of the vLLM installed here.
 
-    .venv-vllm/bin/python tools/gen_vllm_flags.py [OUTPUT]   (default: vllm_flags.json)
+    .venv-vllm/bin/python tools/gen_vllm_flags.py [OUTPUT]   (default: worker/settings/vllm_flags.json)
 
 Run it with the Python that has the vLLM this project pins (the Makefile's
-VLLM_VERSION); tests/test_vllm_flags.py runs it the same way and fails when the stored
+VLLM_VERSION); tests/settings/test_vllm_flags.py runs it the same way and fails when the stored
 file and the pinned vLLM disagree, so an upgrade shows every flag that came, went or
 changed. The worker reads the file and never imports vLLM.
 
@@ -60,7 +60,7 @@ def main() -> None:
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
     flags = sorted((d for a in parser._actions if (d := describe(a))), key=lambda d: d["flag"])
-    out = sys.argv[1] if len(sys.argv) > 1 else "vllm_flags.json"
+    out = sys.argv[1] if len(sys.argv) > 1 else "worker/settings/vllm_flags.json"
     rows = ",\n".join(json.dumps(flag) for flag in flags)  # one flag a line: readable diffs
     with open(out, "w", encoding="utf-8") as stream:
         stream.write(f'{{"vllm": {json.dumps(vllm.__version__)}, "flags": [\n{rows}\n]}}\n')

@@ -1,9 +1,9 @@
-"""Rewrite the README's settings table from settings_table.SETTINGS.
+"""Rewrite the README's settings table from worker/settings/table.py's SETTINGS.
 
     python tools/readme_settings.py
 
 
-tests/test_settings.py fails until the README holds the table the code makes.
+tests/settings/test_loader.py fails until the README holds the table the code makes.
 """
 
 import sys
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from settings_table import markdown_table  # noqa: E402
+from worker.settings.table import markdown_table  # noqa: E402
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 text = README.read_text()
