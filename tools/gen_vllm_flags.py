@@ -1,6 +1,8 @@
 """Write worker/settings/vllm_flags.json from the argument parser of the vLLM installed here.
 
-    .venv-vllm/bin/python tools/gen_vllm_flags.py [OUTPUT]   (default: worker/settings/vllm_flags.json)
+    .venv-vllm/bin/python tools/gen_vllm_flags.py [OUTPUT]
+
+(OUTPUT: worker/settings/vllm_flags.json unless given)
 
 Run it with the Python that has the vLLM this project pins (the Makefile's
 VLLM_VERSION); tests/settings/test_vllm_flags.py runs it the same way and fails when the stored

@@ -3,8 +3,9 @@
 `plan_launches` is pure apart from reading the models' folders: it locates the
 weights, reads what the model's files say (parsers, longest context), finds the LoRA
 adapters, and builds each command line. The worker and the diagnostic
-(`test_vllm_command.py`) both call it, so the diagnostic shows exactly what the worker will run. `child_env`
-is the environment the child gets: the worker's, minus what vLLM must not see.
+(`test_vllm_command.py`) both call it, so the diagnostic shows exactly what the worker will
+run. `child_env` is the environment the child gets: the worker's, minus what vLLM must not
+see.
 """
 
 from __future__ import annotations
