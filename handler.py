@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from worker.requests.proxy import Proxy
+from worker.requests.relay import Pacing
 from worker.serve import load_balancer
 from worker.serve.context import Service, load_settings, serving
 
@@ -29,11 +30,12 @@ log = logging.getLogger("worker")
 Handler = Callable[[dict[str, Any]], AsyncIterator[Any]]
 
 
-def make_handler(proxy: Proxy) -> Handler:
-    """The job handler the Runpod SDK calls, relaying each job through `proxy`."""
+def make_handler(proxy: Proxy, pacing: Pacing | None = None) -> Handler:
+    """The job handler the Runpod SDK calls, relaying each job through `proxy` (its streams
+    paced by `pacing`, the proxy's own by default)."""
 
     async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
-        async for item in proxy.run(job.get("input"), str(job.get("id", "-"))):
+        async for item in proxy.run(job.get("input"), str(job.get("id", "-")), pacing):
             yield item
 
     return handler

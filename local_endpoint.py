@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from handler import make_handler
+from worker.requests.relay import Pacing
 from worker.serve.context import serving
 from worker.serve.http_limits import Server, config
 from worker.serve.job_table import Jobs
@@ -48,12 +49,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args(argv)
-    with serving(hold_preamble=False) as service:  # its consumer is in-process (relay.py)
+    with serving() as service:
         settings, proxy = service.settings, service.proxy
         assert proxy is not None
         jobs = Jobs(make_handler(proxy), settings.max_concurrency)
+        # The OpenAI path writes each item to its client at once: nothing to pace for.
         endpoint = Endpoint(jobs, settings.local_api_key, settings.local_max_body_bytes,
-                            lambda: service.stopping)
+                            lambda: service.stopping, make_handler(proxy, Pacing(direct=True)))
         service.in_flight = endpoint.in_flight
         server = _Server(config(endpoint.app, host=args.host, port=args.port))
         server.banner = _banner(args.host, args.port, settings.served_model_name,

@@ -55,8 +55,9 @@ request: `INFO fake vllm: client went away; aborting the request`.
 
 `GET /stats`: what the server has seen, as JSON: `connections` (open now, besides the one
 asking), `streams` (open now), `peak_streams`, `requests` (to the chat route),
-`streams_done`, `streams_aborted`. `POST /stats/reset` zeroes the peak and the counters
-(not what is open).
+`streams_done`, `streams_aborted`, `serving` (chat completions in progress, as vLLM's
+running requests), `answers_aborted` (non-streamed ones whose client left). `POST
+/stats/reset` zeroes the peak and the counters (not what is open).
 
 Switches (environment variables):
 - FAKE_VLLM_HEALTHY_AFTER=<s>: bind the port at start, listen only this many seconds later.
@@ -71,7 +72,8 @@ Switches (environment variables):
   `ignore-sigterm` it ignores SIGTERM.
 - FAKE_VLLM_TOKEN_DELAY=<s>: the default `bench_token_interval`.
 - FAKE_VLLM_ANSWER_DELAY=<s>: wait this long before answering a non-streamed chat
-  completion, after printing `INFO fake vllm: answering in <s> s`.
+  completion, after printing `INFO fake vllm: answering in <s> s` (a request's own
+  `bench_answer_delay` field wins); a client that leaves meanwhile aborts it.
 - FAKE_VLLM_RECORD=<file>: append one JSON line per request served: `{"method", "path",
   "body", "status", "response"}` (`path` as sent, `body` parsed as JSON when it is JSON
   (None for a GET), `response` the exact body sent, streams included, even cut short;

@@ -90,18 +90,20 @@ class Stats:
     requests: int = 0
     streams_done: int = 0
     streams_aborted: int = 0
+    answers_aborted: int = 0
     serving: int = field(default=0, repr=False)
     peak_serving: int = field(default=0, repr=False)
 
     def reset(self) -> None:
         self.peak_streams = self.streams
-        self.requests = self.streams_done = self.streams_aborted = 0
+        self.requests = self.streams_done = self.streams_aborted = self.answers_aborted = 0
 
     def view(self) -> dict[str, int]:
         """The counters, as seen by a client asking over a connection of its own."""
         return {"connections": self.connections - 1, "streams": self.streams,
                 "peak_streams": self.peak_streams, "requests": self.requests,
-                "streams_done": self.streams_done, "streams_aborted": self.streams_aborted}
+                "streams_done": self.streams_done, "streams_aborted": self.streams_aborted,
+                "serving": self.serving, "answers_aborted": self.answers_aborted}
 
 
 def parsed(request: Request) -> Any:
@@ -240,7 +242,7 @@ class StandIn(App):
             self.count_serving(-1)
             self.answer(conn, request, 200, data)
 
-        if not (delay := self.switches.answer_delay):
+        if not (delay := float(body.get("bench_answer_delay") or self.switches.answer_delay)):
             send()
             return
         say(f"INFO fake vllm: answering in {delay:g} s")
@@ -249,6 +251,7 @@ class StandIn(App):
         def abort() -> None:
             timer.cancel()
             self.count_serving(-1)
+            self.stats.answers_aborted += 1
             say("INFO fake vllm: client went away; aborting the request")
 
         conn.abort = abort

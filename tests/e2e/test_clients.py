@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -150,6 +151,23 @@ def test_a_client_that_leaves_mid_stream_stops_the_generation(served: RealEndpoi
         assert answer.headers["content-type"].startswith("text/event-stream")
         chunks = answer.iter_bytes()
         next(chunks)
+        assert wait_for(lambda: running_requests(served) >= 1)
+    assert_generation_stopped(served, before)
+
+
+def test_a_client_that_leaves_before_a_non_streamed_answer_stops_the_generation(
+        served: RealEndpoint) -> None:
+    """Nothing of a non-streamed answer comes before it is finished: the client going away
+    must stop it all the same (vLLM's own running-requests figure says so)."""
+    before = metric(served, "generation_tokens_total")
+    body = json.dumps({"model": served.model, **LONG, "stream": False}).encode()
+    path = served.openai_base.removeprefix("http://").split("/", 1)[1]
+    host, port = served.url.removeprefix("http://").split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /{path}/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {served.api_key}\r\nContent-Type: "
+                     f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                     + body)
         assert wait_for(lambda: running_requests(served) >= 1)
     assert_generation_stopped(served, before)
 

@@ -127,6 +127,48 @@ def test_a_stream_that_fails_before_any_event_fails_the_job(
     assert error["code"] == 502
 
 
+def test_a_direct_consumer_learns_of_the_stream_at_once_then_gets_each_event_as_it_comes(
+) -> None:
+    """`Pacing(direct=True)` (the local endpoint's OpenAI path): an empty item as soon as
+    vLLM's answer is known to be a stream, before its first event; then every event the
+    moment it arrives, even with a flush interval of a minute; a failure in band."""
+    taken = threading.Semaphore(0)  # released each time the consumer has an item
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n")
+            for i in range(3):
+                assert taken.acquire(timeout=10), "the consumer was not given the last item"
+                event = f"data: {{\"i\": {i}}}\n\n".encode()
+                conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+            assert taken.acquire(timeout=10)
+            conn.sendall(b"d\r\ndata: {\"trunc\r\n0\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    proxy = Proxy(Target(SERVED, f"http://127.0.0.1:{server.getsockname()[1]}"),
+                  pacing=Pacing(flush_interval=60))
+
+    async def drive() -> list[str]:
+        got: list[str] = []
+        handler = make_handler(proxy, Pacing(direct=True))
+        try:
+            async for item in handler({"id": "j", "input": {"messages": [], "stream": True}}):
+                got.append(item)
+                taken.release()
+        finally:
+            await proxy.aclose()
+            server.close()
+        return got
+
+    items = asyncio.run(asyncio.wait_for(drive(), 30))
+    assert items[:4] == ["", 'data: {"i": 0}\n\n', 'data: {"i": 1}\n\n', 'data: {"i": 2}\n\n']
+    assert len(items) == 5 and json.loads(items[4].split("\n\n")[0][6:])["error"]["code"] == 502
+
+
 def test_silent_vllm_times_out_with_504_naming_the_setting(fake_vllm: HTTPServer) -> None:
     release = threading.Event()
 

@@ -1,9 +1,13 @@
-"""The worker's HTTP servers against hostile clients: a huge head, a slow head, idle
-keep-alive connections and a flood of connections; in-process uvicorn on loopback with
-the worker's own protocol (smaller limits, so the test is quick)."""
+"""The worker's HTTP servers against hostile clients: a huge head, a slow head, a body that
+stalls or trickles, an answer nobody reads, idle keep-alive connections and a flood of
+connections; in-process uvicorn on loopback with the worker's own protocol (smaller limits
+and timeouts, so the test is quick). test_http_front.py sends the same kinds of bytes to
+the two real servers."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -20,17 +24,47 @@ from worker.serve import http_limits
 class Small(http_limits.GuardedHttp):
     max_head_bytes = 4096
     head_timeout = 0.5
+    body_timeout = 0.5
+    body_deadline = 2.0
+    write_timeout = 0.5
     max_connections = 8
 
 
+SEEN: list[str] = []  # what the application read: "body <n>", "disconnect", "gone"
+
+
 async def hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """`/echo` reads the body and answers its length; `/endless` streams until the client
+    is gone; anything else answers hello."""
+    if scope["path"] == "/echo":
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                SEEN.append("disconnect")
+                return
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        SEEN.append(f"body {size}")
+        reply = str(size).encode()
+    elif scope["path"] == "/endless":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        gone = asyncio.ensure_future(receive())
+        while not gone.done():
+            await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})
+        SEEN.append("gone")
+        return
+    else:
+        reply = b"hello"
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain")]})
-    await send({"type": "http.response.body", "body": b"hello"})
+    await send({"type": "http.response.body", "body": reply})
 
 
 @pytest.fixture
 def server() -> Iterator[str]:
+    SEEN.clear()
     port = free_port()
     config = http_limits.config(hello, host="127.0.0.1", port=port)
     config.http = Small
@@ -100,4 +134,57 @@ def test_beyond_the_connection_cap_a_new_one_is_refused_and_the_others_served(
             break
         except (httpx.TransportError, AssertionError):
             assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_body_bytes_read_with_the_head_do_not_count_towards_the_head_limit(server: str) -> None:
+    body = b"b" * 100_000  # 25 times the head limit, in the same write as the head
+    with connect(server) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + body)
+        reply = answer(sock)
+    assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"\r\n100000\r\n0\r\n\r\n")
+
+
+def test_a_body_that_stalls_is_answered_408_and_the_application_reads_a_disconnect(
+        server: str) -> None:
+    with connect(server) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"a\": 1}")
+        started = time.monotonic()
+        reply = answer(sock)
+    assert reply.startswith(b"HTTP/1.1 408 ") and b"sent nothing for 0.5 s" in reply
+    assert 0.4 < time.monotonic() - started < 5
+    deadline = time.monotonic() + 5
+    while not SEEN and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert SEEN == ["disconnect"], "the application never takes a cut body for a whole one"
+
+
+def test_a_body_that_trickles_past_its_deadline_is_answered_408(server: str) -> None:
+    with connect(server) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        started = time.monotonic()
+        sock.setblocking(False)
+        reply = b""
+        while time.monotonic() - started < 10:
+            with contextlib.suppress(BlockingIOError):  # one byte, well inside the idle time
+                sock.send(b"a")
+            time.sleep(0.1)  # the trickle itself, not a wait for the server
+            with contextlib.suppress(BlockingIOError):
+                if not (chunk := sock.recv(65536)):
+                    break
+                reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 2 s" in reply
+    assert time.monotonic() - started < 6
+
+
+def test_an_answer_the_client_does_not_read_ends_its_connection(server: str) -> None:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    host, port = server.split(":")
+    sock.connect((host, int(port)))
+    with sock:
+        sock.sendall(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
+        deadline = time.monotonic() + 10
+        while SEEN != ["gone"]:
+            assert time.monotonic() < deadline, "the stalled answer was never ended"
             time.sleep(0.05)

@@ -302,3 +302,14 @@ def test_adapters_static_and_on_demand_are_served_and_listed_with_their_parent(
     assert broken.status_code == 400
     assert broken.json()["error"]["message"] == (
         f"LoRA adapter broken: {tmp_path / 'adapters' / 'broken'} has no adapter_config.json.")
+
+
+def test_with_only_the_local_endpoints_key_the_server_warns_at_start_that_it_is_open(
+        start_lb: Callable[..., LoadBalanced]) -> None:
+    server = start_lb(LOCAL_API_KEY="local-only-key").ready()
+    warning = next(line for line in server.worker.log().splitlines() if "asks no API key" in line)
+    assert "WARNING" in warning and "set API_KEY" in warning
+    assert "LOCAL_API_KEY guards the local endpoint only" in warning
+    assert httpx.get(f"{server.url}/v1/models", timeout=10).status_code == 200, "it is open"
+    guarded = start_lb(API_KEY="lb-key").ready()
+    assert "asks no API key" not in guarded.worker.log()

@@ -28,6 +28,8 @@ from werkzeug import Response
 from fakes.vllm import free_port, shell_command
 from handler import make_handler
 from worker.requests.proxy import Proxy
+from worker.requests.relay import Pacing
+from worker.serve import http_limits
 from worker.serve.job_table import Jobs
 from worker.serve.local_api import Endpoint
 from worker.upstream.target import Target
@@ -102,8 +104,9 @@ def run_readme_example(name: str, endpoint_url: str, api_key: str) -> str:
 
 
 class LocalEndpoint:
-    """The local endpoint (local_jobs.Jobs + Endpoint, as `main` wires them) served by
-    uvicorn in a thread, in front of `proxy`; `url` is its /v2/<id> base, `loop` its loop."""
+    """The local endpoint (Jobs + Endpoint, as local_endpoint.py's `main` wires them) served
+    by uvicorn with the worker's limits in a thread, in front of `proxy`; `url` is its
+    /v2/<id> base, `loop` its loop."""
 
     def __init__(self, proxy: Proxy, max_concurrency: int = 4, api_key: str | None = None,
                  max_body: int = 20 << 20) -> None:
@@ -113,16 +116,17 @@ class LocalEndpoint:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v2/ep1"
-        self.server = uvicorn.Server(uvicorn.Config(self._app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning", interface="asgi3",
-                                                    backlog=4096))
+        self.server = uvicorn.Server(http_limits.config(self._app, host="127.0.0.1",
+                                                        port=self.port, backlog=4096,
+                                                        interface="asgi3"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     async def _app(self, scope: Any, receive: Any, send: Any) -> None:
         if self.jobs is None:  # made inside the server's loop
             self.loop = asyncio.get_running_loop()
             self.jobs = Jobs(make_handler(self.proxy), self.max_concurrency)
-            self.asgi = Endpoint(self.jobs, self.api_key, self.max_body).app
+            self.asgi = Endpoint(self.jobs, self.api_key, self.max_body,
+                                 direct=make_handler(self.proxy, Pacing(direct=True))).app
         await self.asgi(scope, receive, send)
 
     def call(self, make: Callable[[], Awaitable[T]], timeout: float = 10) -> T:

@@ -2,7 +2,10 @@
 
 What `Proxy.run(job_input)` yields, as the Runpod SDK expects from a generator:
 - non-streaming: vLLM's JSON body, once;
-- streaming: strings of whole SSE events exactly as vLLM sent them (see relay.py);
+- streaming: strings of whole SSE events exactly as vLLM sent them (event_reader.py),
+  paced for the platform's stream posts (relay.py), or as they come for a consumer that
+  takes no time (`Pacing.direct`: then an empty string first, as soon as vLLM's answer
+  is known to be a stream, so that its head can go out before the first event);
 - a failure before any output: one `{"error": "<OpenAI error JSON>"}`, which
   ends the job FAILED (errors.py); a failure after a stream started: an in-band
   error event in the stream's format, as vLLM itself does.
@@ -27,6 +30,8 @@ import httpx
 
 from worker.requests.contract import UpstreamRequest, requested_model, resolve, shape_answer
 from worker.requests.errors import ProxyError, from_upstream
+from worker.requests.event_reader import EventReader
+from worker.requests.pool import make_client
 from worker.requests.relay import Pacing, StreamRelay
 from worker.requests.sse import StreamKind, error_event
 from worker.upstream.target import Target
@@ -52,18 +57,19 @@ class Proxy:
     def __init__(self, targets: Target | Sequence[Target], request_timeout: float = 600,
                  pacing: Pacing | None = None, prompt_max_tokens: int = 512,
                  upstream_exit: Callable[[float], str | None] = _no_exit,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, max_connections: int = 256) -> None:
         self.targets = [targets] if isinstance(targets, Target) else list(targets)
         self.request_timeout = request_timeout
         self.pacing = pacing or Pacing()
         self.prompt_max_tokens = prompt_max_tokens
         self.upstream_exit = upstream_exit
         self.api_key = api_key  # vLLM's own --api-key, when the deployment gave one
+        self.max_connections = max_connections  # what the worker can have in flight
         self.loader: ModelLoader | None = None  # loads on-demand LoRA adapters
         self.in_flight = 0  # jobs in `run` now
         self._refusal: str | None = None
         self._closing: str | None = None
-        self._streams: set[StreamRelay] = set()
+        self._streams: set[Interruptible] = set()
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
 
@@ -111,12 +117,7 @@ class Proxy:
         """The shared pool, made in the running loop on first use (asyncio pools are loop-bound)."""
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.request_timeout, connect=10),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-                headers={"Accept-Encoding": "identity",
-                         **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})},
-            )
+            self._client = make_client(self.request_timeout, self.api_key, self.max_connections)
             self._client_loop = loop
         return self._client
 
@@ -125,8 +126,10 @@ class Proxy:
             await self._client.aclose()
             self._client = None
 
-    async def run(self, job_input: object, job_id: str = "-") -> AsyncIterator[Any]:
-        """Yield the job's output items (module docstring); never raises."""
+    async def run(self, job_input: object, job_id: str = "-", pacing: Pacing | None = None
+                  ) -> AsyncIterator[Any]:
+        """Yield the job's output items (module docstring), paced by `pacing` (the proxy's
+        own by default; a job's batch knobs apply over it); never raises."""
         started = time.perf_counter()
         outcome = "ok"
         failure: ProxyError | None = None
@@ -136,7 +139,7 @@ class Proxy:
                 raise ProxyError(503, self._refusal)
             if self.loader is not None:
                 await self.loader.ensure(requested_model(job_input))
-            job = resolve(job_input, self.targets, self.prompt_max_tokens, self.pacing)
+            job = resolve(job_input, self.targets, self.prompt_max_tokens, pacing or self.pacing)
             log.info("job %s: %s %s (%s)", job_id, job.first.method, job.first.path,
                      ", ".join(r.target.name for r in job.requests))
             if len(job.requests) == 1:
@@ -209,25 +212,22 @@ class Proxy:
 
     async def _relay(self, response: httpx.Response, kind: StreamKind, pacing: Pacing
                      ) -> AsyncIterator[str]:
-        relay = StreamRelay(response.aiter_bytes(), pacing, kind)
-        started = False
-        with self.tracking(relay):
-            async for text in relay:
-                started = True
-                yield text
-        if relay.interrupted:
-            error = ProxyError(503, self._closing or "The stream was ended by the worker.")
-        elif relay.error is not None:
-            error = await self.transport_error(relay.error)
-        elif relay.leftover.strip():
-            error = ProxyError(502, f"vLLM's stream ended in the middle of an event "
-                                    f"({len(relay.leftover)} bytes cut off).")
-        else:
+        started = pacing.direct
+        async with EventReader(response, self) as events:
+            if pacing.direct:
+                yield ""  # a stream, for certain: its head may go out now
+                async for chunk in events:
+                    yield chunk.decode("utf-8", errors="replace")
+            else:
+                async for text in StreamRelay(events, pacing, kind):
+                    started = True
+                    yield text
+        if events.failure is None:
             return
         if not started:
-            raise error
-        log.warning("stream interrupted after it started: %s", error.message)
-        yield error_event(kind, error)
+            raise events.failure
+        log.warning("stream interrupted after it started: %s", events.failure.message)
+        yield error_event(kind, events.failure)
 
     async def transport_error(self, exc: BaseException) -> ProxyError:
         """What went wrong talking to vLLM, checking first whether vLLM itself has gone."""

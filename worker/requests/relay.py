@@ -1,6 +1,8 @@
-"""Relay an SSE byte stream as few, whole-event strings, without adding latency.
+"""Pace a job's SSE stream into few, whole-event strings, without adding latency.
 
-Invariants (tests hold us to each):
+The job handler's stream (queue path: each yield is one of the platform's stream POSTs)
+is read as whole events by event_reader.py, which also owns the verdict on how it ended;
+this module decides when to yield. Invariants (tests hold us to each):
 - every yielded string is a run of whole SSE events, cut only after a blank
   line, so no event and no UTF-8 character is ever split;
 - the concatenation of all yields is the upstream body, byte for byte;
@@ -11,17 +13,14 @@ Invariants (tests hold us to each):
   `response.created`, `message_start`) are held until then, or until the stream
   ends: nobody sees them, and a yield of them alone would keep the consumer (the
   platform's stream POST) busy when the first token comes, a fraction of a
-  millisecond later. A consumer that takes no time (the local endpoint's, in-process:
-  `Pacing.hold_preamble` off) gets them at once instead, as vLLM sends them, since
-  clients such as vLLM's benchmark count the first chunk as the first token. When one
-  read brings many events, the first yield goes after at most `FIRST_BATCH` chunks
-  of it, not after the whole read;
+  millisecond later. When one read brings many events, the first yield goes after at
+  most `FIRST_BATCH` chunks of it, not after the whole read;
 - after that, whatever arrives while the consumer (the platform's stream POST)
   is busy is coalesced into the next yield, and yields are at most one per
   `flush_interval`, counted from one yield to the next (the consumer's time is
   part of the interval, not added to it): an event waits at most the longer of
   the consumer's own time and that interval, and a stream of duration D costs
-  at most D / interval + 2 yields (plus one per preamble read when not held);
+  at most D / interval + 2 yields;
 - the worker-vllm batch knobs (`min_batch_size`, growing by
   `batch_size_growth_factor` up to `max_batch_size`) keep their meaning for
   those who set them: once that many events are waiting they go out without
@@ -29,8 +28,9 @@ Invariants (tests hold us to each):
 
 A reader task keeps pulling bytes from vLLM while the consumer is busy, so a
 slow consumer never slows the generation, and TCP chunk boundaries never matter.
-`interrupt()` ends the relay early (the worker is stopping): the whole events
-received so far still go out, then iteration ends with `interrupted` set.
+A consumer that takes no time (the local endpoint's OpenAI path writes each item to its
+client at once) asks for `Pacing(direct=True)`: the proxy then gives it the events as
+they arrive, with no reader task, no holding and no coalescing.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Pacing:
     min_batch_size: int | None = None
     max_batch_size: int | None = None
     growth_factor: float = 3.0
-    hold_preamble: bool = True
+    direct: bool = False  # the consumer takes no time: no pacing at all (module docstring)
 
     def first_target(self) -> int | None:
         if self.min_batch_size is None and self.max_batch_size is None:
@@ -67,11 +67,8 @@ class Pacing:
 
 
 class StreamRelay:
-    """Coalesces the chunks of one upstream stream; iterate it with `async for`.
-
-    After iteration, `error` holds the exception that ended the upstream read
-    early (None on a clean end), and `leftover` the bytes of an unfinished event.
-    """
+    """Coalesces the chunks of one upstream stream (an EventReader's, which never fails:
+    an iterator that raises ends the iteration with its error); iterate with `async for`."""
 
     def __init__(self, chunks: AsyncIterator[bytes], pacing: Pacing,
                  kind: StreamKind = StreamKind.OPENAI) -> None:
@@ -82,19 +79,8 @@ class StreamRelay:
         self._buffer = bytearray()
         self._arrived = asyncio.Event()
         self._finished = asyncio.Event()
-        self.error: BaseException | None = None
-        self.leftover = b""
-        self.interrupted = False
+        self._error: BaseException | None = None
         self._yielded = False
-        self._reader: asyncio.Task[None] | None = None
-
-    def interrupt(self) -> None:
-        """End the relay after the whole events received so far (call in its loop)."""
-        self.interrupted = True
-        if self._reader is not None:
-            self._reader.cancel()  # its `finally` wakes the loop below
-        self._finished.set()
-        self._arrived.set()
 
     async def _pump(self) -> None:
         chunks = 0
@@ -107,8 +93,8 @@ class StreamRelay:
                     # Chunks already read come without a pause in between: let the first
                     # yield go now rather than after the whole read (module docstring).
                     await asyncio.sleep(0)
-        except Exception as exc:  # handed to the consumer, which reports it
-            self.error = exc
+        except Exception as exc:  # raised to the consumer once the events before it are out
+            self._error = exc
         finally:
             self._finished.set()
             self._arrived.set()
@@ -132,7 +118,7 @@ class StreamRelay:
 
     async def __aiter__(self) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
-        reader = self._reader = asyncio.create_task(self._pump())
+        reader = asyncio.create_task(self._pump())
         target = self._pacing.first_target()
         last_yield: float | None = None
         try:
@@ -142,27 +128,24 @@ class StreamRelay:
                 end = event_end(self._buffer)
                 if end == 0 and not self._finished.is_set():
                     continue
-                output = True
                 if last_yield is not None:
                     await self._pace(last_yield + self._pacing.flush_interval, target)
                 elif not self._finished.is_set() and not first_output_end(
                         self._buffer, self._scanned, self._kind):
-                    output = False  # whole events, all preamble (docstring)
-                    self._scanned = end
-                    if self._pacing.hold_preamble:
-                        continue
+                    self._scanned = end  # whole events, all preamble: held (docstring)
+                    continue
                 end = event_end(self._buffer)
                 if end:
                     text = self._buffer[:end].decode("utf-8", errors="replace")
                     del self._buffer[:end]
                     self._scanned = 0
-                    if output:  # paced from here: before the consumer runs (docstring)
-                        last_yield = loop.time()
+                    last_yield = loop.time()  # paced from here: before the consumer runs
                     self._yielded = True
                     yield text
                     target = self._pacing.next_target(target)
                 if self._finished.is_set() and event_end(self._buffer) == 0:
-                    self.leftover = b"" if self.interrupted else bytes(self._buffer)
+                    if self._error is not None:
+                        raise self._error
                     return
                 if self._buffer and event_end(self._buffer):
                     self._arrived.set()

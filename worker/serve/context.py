@@ -78,16 +78,14 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     return settings
 
 
-def make_proxy(settings: Settings, upstreams: Sequence[Upstream], hold_preamble: bool = True
-               ) -> Proxy:
-    """The proxy to these vLLMs, configured from the settings; `hold_preamble` off for a
-    consumer that takes no time (relay.py)."""
+def make_proxy(settings: Settings, upstreams: Sequence[Upstream]) -> Proxy:
+    """The proxy to these vLLMs, configured from the settings: its pool holds a connection
+    for every request the worker can have in flight to each of them."""
     pacing = Pacing(settings.stream_flush_interval, settings.min_batch_size,
-                    settings.max_batch_size, settings.batch_size_growth_factor or 3.0,
-                    hold_preamble)
+                    settings.max_batch_size, settings.batch_size_growth_factor or 3.0)
     return Proxy([u.target for u in upstreams], settings.request_timeout, pacing,
                  settings.default_max_tokens, lambda timeout: exit_reason(upstreams, timeout),
-                 settings.vllm_api_key)
+                 settings.vllm_api_key, (settings.max_concurrency + 1) * len(upstreams))
 
 
 def exit_now(code: int) -> None:
@@ -108,10 +106,8 @@ class Service:
     default the proxy's jobs); `exit_process` is `exit_now` except in tests."""
 
     def __init__(self, settings: Settings, env: Mapping[str, str],
-                 exit_process: Callable[[int], None] = exit_now, hold_preamble: bool = True
-                 ) -> None:
+                 exit_process: Callable[[int], None] = exit_now) -> None:
         self.settings = settings
-        self.hold_preamble = hold_preamble
         self.env = env
         self.exit_process = exit_process
         self.state = State.STARTING
@@ -140,7 +136,7 @@ class Service:
         else:
             launches = plan_launches(settings, self.env)
             start_upstreams(launches, settings.startup_timeout, self.fleet, settings.secrets)
-        self.proxy = make_proxy(settings, self.upstreams, self.hold_preamble)
+        self.proxy = make_proxy(settings, self.upstreams)
         if settings.lora_dir and not settings.vllm_base_url:
             self.proxy.loader = AdapterLoader(self.proxy, OnDemand(
                 settings.lora_dir, max(launch.lora_rank for launch in launches),
@@ -270,11 +266,11 @@ def unwind_on_sigterm() -> None:
 
 
 @contextlib.contextmanager
-def serving(env: Mapping[str, str] = os.environ, settings: Settings | None = None,
-            hold_preamble: bool = True) -> Iterator[Service]:
+def serving(env: Mapping[str, str] = os.environ, settings: Settings | None = None
+            ) -> Iterator[Service]:
     """A started, supervised Service with signals handled; every vLLM stopped at exit."""
     unwind_on_sigterm()
-    service = Service(settings or load_settings(env), env, hold_preamble=hold_preamble)
+    service = Service(settings or load_settings(env), env)
     try:
         service.start_or_exit()
         service.supervise()

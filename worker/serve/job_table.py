@@ -182,17 +182,19 @@ class Jobs:
                     job.items.append(item)
                     job.notify()
 
-    async def follow(self, job: Job) -> AsyncIterator[Any]:
-        """Run `job` in the caller's task once a slot is free, as the SDK runs a handler:
-        its output items as they come. A yielded `{"error": ...}` fails the job and ends
-        it; so does an exception (never shown); leaving early or a cancel cancels it."""
+    async def follow(self, job: Job, run: Handler | None = None) -> AsyncIterator[Any]:
+        """Run `job` in the caller's task once a slot is free, as the SDK runs a handler
+        (`run`, else the table's): its output items as they come. A yielded `{"error": ...}`
+        fails the job and ends it; so does an exception (never shown); leaving early or a
+        cancel cancels it."""
         job.task = job.task or asyncio.current_task()
         try:
             async with self._slots:
                 job.started = time.monotonic()
                 self._move(job, "IN_PROGRESS")
                 job_input, job.input = job.input, None
-                async with contextlib.aclosing(self._run({"id": job.id, "input": job_input})
+                handler = run or self._run
+                async with contextlib.aclosing(handler({"id": job.id, "input": job_input})
                                                ) as out:
                     async for item in out:
                         if isinstance(item, dict) and item.get("error"):

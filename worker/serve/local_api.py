@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import re
@@ -25,13 +24,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from worker.requests.errors import ProxyError, error_body, parse_job_error
-from worker.serve.job_table import Job, Jobs
+from worker.serve.api_key import refusal
+from worker.serve.job_table import Handler, Job, Jobs
 
 log = logging.getLogger("worker.local")
 STREAM_POLL_SECONDS = 5.0  # /stream waits this long for news (the runpod client times out at 10)
@@ -42,31 +42,34 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
 
 
 class RequireKey:
-    """Answer 401 to any request without `Authorization: Bearer <key>` (constant-time check)."""
+    """Answer a request without the key (api_key.py) before anything else reads it."""
 
     def __init__(self, app: ASGIApp, key: str | None) -> None:
         self.app = app
-        self.expected = f"Bearer {key}".encode() if key else None
+        self.key = key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is not None and scope["type"] == "http":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                body = error_body(401, "Missing or wrong API key: send 'Authorization: Bearer "
-                                       "<key>'.")
-                await JSONResponse(body, 401)(scope, receive, send)
-                return
+        if scope["type"] == "http" and (refused := refusal(scope["headers"], self.key)):
+            await JSONResponse(refused.body(), refused.status)(scope, receive, send)
+            return
         await self.app(scope, receive, send)
+
+
+class ClientGone(Exception):
+    """The client left before its request body was whole: no job is made of it."""
 
 
 async def _read_json(request: Request, limit: int) -> Any:
     if int(request.headers.get("content-length") or 0) > limit:
         raise ProxyError(413, f"The request body is larger than {limit} bytes.")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ProxyError(413, f"The request body is larger than {limit} bytes.")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ProxyError(413, f"The request body is larger than {limit} bytes.")
+    except ClientDisconnect:  # never taken for a whole body (http_limits.py times it)
+        raise ClientGone from None
     try:
         return json.loads(body)
     except ValueError as exc:
@@ -91,8 +94,10 @@ class Endpoint:
     drain."""
 
     def __init__(self, jobs: Jobs, api_key: str | None = None, max_body: int = 20 << 20,
-                 stopping: Callable[[], bool] = lambda: False) -> None:
+                 stopping: Callable[[], bool] = lambda: False, direct: Handler | None = None
+                 ) -> None:
         self.jobs = jobs
+        self.direct = direct  # the handler of the OpenAI path: no pacing (relay.py)
         self.max_body = max_body
         self.stopping = stopping
         base = "/v2/{endpoint_id}"
@@ -130,6 +135,10 @@ class Endpoint:
                 return await endpoint(request)
             except ProxyError as exc:
                 return JSONResponse(exc.body(), exc.status)
+            except ClientGone:  # nobody reads the answer: it only ends the request
+                log.info("%s: the client left before its body was whole; no job was made",
+                         request.url.path[:200])
+                return Response(status_code=400)
         return answer
 
     def _submit(self, job_input: Any, route: str) -> Job:
@@ -199,6 +208,9 @@ class Endpoint:
         except ProxyError as exc:
             await JSONResponse(exc.body(), exc.status)(scope, receive, send)
             return
+        except ClientGone:
+            log.info("%s: the client left before its body was whole; no job was made", route)
+            return
         job = self.jobs.open(job_input, "/openai" + route)
         task = asyncio.current_task()
         assert task is not None
@@ -206,13 +218,14 @@ class Endpoint:
         watcher = asyncio.ensure_future(_until_gone(receive, gone, task))
         started, first = False, None
         try:
-            async with contextlib.aclosing(self.jobs.follow(job)) as items:
+            async with contextlib.aclosing(self.jobs.follow(job, self.direct)) as items:
                 first = await anext(items, None)
                 if isinstance(first, str):
                     await send({"type": "http.response.start", "status": 200,
                                 "headers": SSE_HEADERS})
                     started = True
-                    await _write(send, first)
+                    if first:
+                        await _write(send, first)
                     async for item in items:
                         await _write(send, item if isinstance(item, str)
                                      else f"data: {json.dumps(item)}\n\n")
