@@ -17,17 +17,18 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from worker.requests.proxy import Proxy
-from worker.requests.relay import Pacing
-from worker.serve import load_balancer
 from worker.serve.context import Service, load_settings, serving
+
+if TYPE_CHECKING:  # imported while vLLM loads (the pool: httpx, aiohttp), not before
+    from worker.requests.proxy import Proxy
+    from worker.requests.relay import Pacing
 
 log = logging.getLogger("worker")
 Handler = Callable[[dict[str, Any]], AsyncIterator[Any]]
+SPAWN_FIRST = 1.0  # s the load-balancing server waits for vLLM's spawn before its imports
 
 
 def make_handler(proxy: Proxy, pacing: Pacing | None = None) -> Handler:
@@ -47,18 +48,17 @@ def _sdk_jobs_in_progress() -> int:
     return JobsProgress().get_job_count()
 
 
-def _import_sdk_meanwhile() -> threading.Thread:
-    """Import the Runpod SDK in a thread while vLLM loads: the import takes over a second
-    (py-cpuinfo, aiohttp), which would otherwise come after vLLM is healthy."""
+def _import_meanwhile() -> None:
+    """What the queue worker needs only once vLLM is healthy, imported while it loads: the
+    pool to vLLM and the Runpod SDK (over a second: py-cpuinfo, aiohttp)."""
     # The SDK logs every yielded item at DEBUG, its default level: users' prompts and
     # answers would fill the log. INFO unless the deployment asks for more.
     # Importing the SDK calls logging.basicConfig, a no-op once the root logger has a
     # handler: ours (secrets masked) is set first (load_settings), or the SDK's would print
     # them unmasked.
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
-    sdk = threading.Thread(target=importlib.import_module, args=("runpod",), daemon=True)
-    sdk.start()
-    return sdk
+    for module in ("worker.requests.proxy", "runpod"):
+        importlib.import_module(module)
 
 
 def serve_jobs(service: Service) -> None:
@@ -85,17 +85,18 @@ def main() -> None:
     if settings.load_balancing:
         log.info("Serving a load-balancing endpoint on port %s: PORT is set and there is no "
                  "job queue (RUNPOD_WEBHOOK_GET_JOB is unset)", settings.port)
-        load_balancer.serve(Service(settings, os.environ))
+        service = Service(settings, os.environ)
+        service.handle_signals()
+        service.start_in_background(lambda: log.info("Ready: /ping answers 200"))
+        service.spawned.wait(SPAWN_FIRST)  # the server's own imports come after the spawn
+        from worker.serve import load_balancer
+
+        load_balancer.serve(service)
         return
     log.info("Taking jobs from the Runpod queue: %s", "RUNPOD_WEBHOOK_GET_JOB is set"
              if os.environ.get("RUNPOD_WEBHOOK_GET_JOB") else "PORT is not set")
-    sdk = _import_sdk_meanwhile()
-    try:
-        with serving(os.environ, settings) as service:
-            sdk.join()
-            serve_jobs(service)
-    finally:
-        sdk.join()  # a failed start must not exit while py-cpuinfo's helper process runs
+    with serving(os.environ, settings, _import_meanwhile) as service:
+        serve_jobs(service)
 
 
 if __name__ == "__main__":

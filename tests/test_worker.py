@@ -28,7 +28,7 @@ from support.workers import (
     start_worker,
     wait_until,
 )
-from worker.upstream.supervisor import group_members
+from worker.upstream.child import group_members
 
 # ----------------------------------------------------------------- the worker --
 

@@ -29,7 +29,7 @@ from worker.diagnose import report as diagnostic
 from worker.launch.plan import plan_launches
 from worker.masking import secret_flag_values, secret_values
 from worker.settings.loader import DEFAULTS, load
-from worker.upstream.supervisor import group_members
+from worker.upstream.child import group_members
 
 PROJECT = Path(__file__).resolve().parents[2]
 SCRIPT = PROJECT / "test_vllm_command.py"

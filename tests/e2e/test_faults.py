@@ -23,7 +23,7 @@ from fakes.platform import Platform
 from fakes.vllm import free_port
 from support.real_vllm import NO_COMPILE, REPO, real_vllm_python, vllm_processes
 from support.workers import kill_worker, sse_data, start_worker, wait_until
-from worker.upstream.supervisor import group_members
+from worker.upstream.child import group_members
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 

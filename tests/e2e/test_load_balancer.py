@@ -17,7 +17,7 @@ from support import run_readme_example
 from support.readme_checks import LB_EXAMPLES
 from support.real_vllm import RealEndpoint, vllm_processes
 from support.workers import wait_until
-from worker.upstream.supervisor import group_members
+from worker.upstream.child import group_members
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 

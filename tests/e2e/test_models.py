@@ -24,7 +24,7 @@ from fakes.vllm import free_port
 from support import run_readme_example
 from support.readme_checks import EMBEDDING_EXAMPLES
 from support.real_vllm import LOCAL_KEY, NO_COMPILE, REPO, RealEndpoint, vllm_processes
-from worker.upstream.supervisor import group_members
+from worker.upstream.child import group_members
 
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 TEXTS = ["The capital of France is Paris.", "Bananas are yellow and sweet.",

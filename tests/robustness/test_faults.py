@@ -37,7 +37,7 @@ from support import SERVED, LocalEndpoint, StandIn, job_error, proxy_to, run_job
 from support.workers import CHAT, Worker, serving, sse_data, wait_until
 from worker.requests.proxy import Proxy
 from worker.requests.relay import Pacing
-from worker.upstream.supervisor import group_members
+from worker.upstream.child import group_members
 from worker.upstream.target import Target
 
 ROUNDS = 100

@@ -33,7 +33,7 @@ from support import SERVED, LocalEndpoint, proxy_to, stand_in_python
 from support.workers import CHAT, Worker, model_folder, serving
 from worker.serve import local_api
 from worker.settings.loader import load
-from worker.upstream.supervisor import group_members
+from worker.upstream.child import group_members
 
 PROJECT = Path(__file__).resolve().parents[2]
 

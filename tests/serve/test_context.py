@@ -20,7 +20,8 @@ import pytest
 
 from worker.serve.context import Service, State, make_proxy, serving
 from worker.settings.loader import load
-from worker.upstream.supervisor import Upstream, VllmChild, group_members
+from worker.upstream.child import VllmChild, group_members
+from worker.upstream.supervisor import Upstream
 from worker.upstream.target import Target
 
 

@@ -30,7 +30,7 @@ from support.workers import (
     wait_until,
 )
 from tiny_adapter import build
-from worker.upstream.supervisor import group_members
+from worker.upstream.child import group_members
 
 
 class LoadBalanced:

@@ -22,7 +22,7 @@ from support.workers import SERVED as TINY
 from support.workers import Worker, kill_worker, sse_data, start_worker, wait_until
 from worker.requests.proxy import Proxy
 from worker.requests.relay import Pacing
-from worker.upstream.supervisor import group_members
+from worker.upstream.child import group_members
 
 
 def fake_proxy(fake_vllm: HTTPServer) -> Proxy:

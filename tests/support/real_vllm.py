@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from fakes.vllm import free_port
-from worker.upstream.supervisor import group_members
+from worker.upstream.child import group_members
 
 REPO = Path(__file__).resolve().parents[2]
 # Real starts that test something else than the compile: vLLM compiles nothing (30 s of

@@ -20,7 +20,7 @@ import pytest
 
 from fakes.platform import Platform
 from fakes.vllm import free_port, write_launcher
-from worker.upstream.supervisor import group_members
+from worker.upstream.child import group_members
 
 PROJECT = Path(__file__).resolve().parents[2]
 

@@ -49,7 +49,8 @@ from worker.launch.plan import Launch, plan_launches
 from worker.masking import MASK, is_secret_name, mask, mask_argv, secret_values, show
 from worker.settings.loader import Settings, SettingsError, load
 from worker.settings.table import SETTINGS, Setting
-from worker.upstream.supervisor import QUOTED_LINES, StartupError, VllmChild, wait_healthy
+from worker.upstream.child import QUOTED_LINES, VllmChild
+from worker.upstream.supervisor import StartupError, wait_healthy
 from worker.upstream.timeline import Timeline
 
 EXIT_OK, EXIT_SETTINGS, EXIT_MODEL, EXIT_CHECK = 0, 2, 3, 4

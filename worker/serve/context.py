@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import os
 import signal
 import sys
@@ -31,18 +30,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from model_locator import LocatorError
 from worker.launch.adapters import model_sizes
 from worker.launch.plan import plan_launches
 from worker.masking import secret_values, setup_logging
-from worker.requests.adapter_loader import AdapterLoader, OnDemand
-from worker.requests.proxy import Proxy
-from worker.requests.relay import Pacing
 from worker.settings.loader import Settings, SettingsError, load
+from worker.upstream.child import STOP_GRACE
 from worker.upstream.supervisor import (
     DEATH_STOP_GRACE,
-    STOP_GRACE,
     Fleet,
     StartupError,
     Upstream,
@@ -51,6 +48,9 @@ from worker.upstream.supervisor import (
     start_upstreams,
     watch,
 )
+
+if TYPE_CHECKING:  # the pool (httpx, aiohttp) is imported while vLLM loads, not before
+    from worker.requests.proxy import Proxy
 
 log = logging.getLogger("worker")
 DEATH_DRAIN_SECONDS = 3.0  # a dead vLLM's jobs only have their errors left to send
@@ -81,6 +81,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
 def make_proxy(settings: Settings, upstreams: Sequence[Upstream]) -> Proxy:
     """The proxy to these vLLMs, configured from the settings: its pool holds a connection
     for every request the worker can have in flight to each of them."""
+    from worker.requests.proxy import Proxy
+    from worker.requests.relay import Pacing
+
     pacing = Pacing(settings.stream_flush_interval, settings.min_batch_size,
                     settings.max_batch_size, settings.batch_size_growth_factor or 3.0)
     return Proxy([u.target for u in upstreams], settings.request_timeout, pacing,
@@ -93,6 +96,8 @@ def exit_now(code: int) -> None:
     loop (the Runpod SDK's, uvicorn's) that would otherwise wait on."""
     # os._exit skips the atexit hook that ends the SDK's heartbeat process: end it here,
     # or it outlives the worker and keeps telling the platform the worker is alive.
+    import multiprocessing
+
     for helper in multiprocessing.active_children():
         helper.terminate()
         helper.join(timeout=2)
@@ -106,10 +111,15 @@ class Service:
     default the proxy's jobs); `exit_process` is `exit_now` except in tests."""
 
     def __init__(self, settings: Settings, env: Mapping[str, str],
-                 exit_process: Callable[[int], None] = exit_now) -> None:
+                 exit_process: Callable[[int], None] = exit_now,
+                 while_loading: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
         self.env = env
         self.exit_process = exit_process
+        # Called once every vLLM is spawned, before waiting for them: what the worker needs
+        # only later (the pool, the Runpod SDK) is imported then, off the start-up's path.
+        self.while_loading = while_loading
+        self.spawned = threading.Event()
         self.state = State.STARTING
         self.fleet = Fleet()
         self.upstreams = self.fleet.upstreams
@@ -131,13 +141,17 @@ class Service:
         SettingsError otherwise, with nothing left running)."""
         settings = self.settings
         if settings.vllm_base_url:
+            self._loading()
             self.fleet.add(connect(settings.served_model_name, settings.upstream_url,
                                    settings.startup_timeout))
         else:
             launches = plan_launches(settings, self.env)
-            start_upstreams(launches, settings.startup_timeout, self.fleet, settings.secrets)
+            start_upstreams(launches, settings.startup_timeout, self.fleet, settings.secrets,
+                            self._loading)
         self.proxy = make_proxy(settings, self.upstreams)
         if settings.lora_dir and not settings.vllm_base_url:
+            from worker.requests.adapter_loader import AdapterLoader, OnDemand
+
             self.proxy.loader = AdapterLoader(self.proxy, OnDemand(
                 settings.lora_dir, max(launch.lora_rank for launch in launches),
                 settings.models, {launch.model.served_name: model_sizes(launch.location)
@@ -151,6 +165,20 @@ class Service:
                                             else time.monotonic() - healthy))
         log.info("Serving %s", ", ".join(u.target.name for u in self.upstreams))
         return self.proxy
+
+    def _loading(self) -> None:
+        self.spawned.set()
+        self.while_loading()
+
+    def start_in_background(self, on_ready: Callable[[], None]) -> None:
+        """`start_or_exit` and supervision in a thread of their own, for a server that
+        answers health checks while vLLM loads; `on_ready` once it serves."""
+        def run() -> None:
+            if self.start_or_exit():
+                self.supervise()
+                on_ready()
+
+        threading.Thread(target=run, name="vllm-start", daemon=True).start()
 
     def start_or_exit(self) -> bool:
         """`start`, or log why it failed and end the process (1), from any thread; False
@@ -266,11 +294,11 @@ def unwind_on_sigterm() -> None:
 
 
 @contextlib.contextmanager
-def serving(env: Mapping[str, str] = os.environ, settings: Settings | None = None
-            ) -> Iterator[Service]:
+def serving(env: Mapping[str, str] = os.environ, settings: Settings | None = None,
+            while_loading: Callable[[], None] = lambda: None) -> Iterator[Service]:
     """A started, supervised Service with signals handled; every vLLM stopped at exit."""
     unwind_on_sigterm()
-    service = Service(settings or load_settings(env), env)
+    service = Service(settings or load_settings(env), env, while_loading=while_loading)
     try:
         service.start_or_exit()
         service.supervise()

@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import socket
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -257,15 +256,9 @@ def _listen(port: int) -> socket.socket:
     return sock
 
 
-def _start(service: Service) -> None:
-    """vLLM's start-up, while the server already answers /ping with 204."""
-    if service.start_or_exit():
-        service.supervise()
-        log.info("Ready: /ping answers 200")
-
-
 def serve(service: Service) -> None:
-    """Serve the load-balancing endpoint until told to stop (the serve context exits)."""
+    """Serve the load-balancing endpoint until told to stop (the serve context exits); the
+    service starts in the background meanwhile (`Service.start_in_background`)."""
     settings = service.settings
     assert settings.port is not None
     app = LoadBalanced(service)
@@ -279,7 +272,5 @@ def serve(service: Service) -> None:
             "it (Runpod's balancer asks callers for the Runpod API key first); set API_KEY "
             "to require one", " (LOCAL_API_KEY guards the local endpoint only)"
             if settings.local_api_key else "", settings.port)
-    service.handle_signals()
-    threading.Thread(target=_start, args=(service,), name="vllm-start", daemon=True).start()
     with contextlib.suppress(KeyboardInterrupt):
         Server(config(app, backlog=2048)).run(sockets=sockets)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
 from worker.settings.table import SettingsError
 from worker.settings.vllm_flags import FLAGS, FlagArg, FlagError, flag_argv
 
@@ -28,6 +26,8 @@ def _text(value: object) -> str:
 def config_flags(path: str, source: str) -> dict[str, FlagArg]:
     """The flags the file sets, each checked as its variable would be; SettingsError
     naming the file and the key otherwise."""
+    import yaml  # only when there is a config file: not every start pays for the import
+
     where = f"{source}={path}"
     try:
         loaded = yaml.safe_load(Path(path).read_text())
