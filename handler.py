@@ -25,6 +25,7 @@ from worker.serve.context import Service, load_settings, serving
 if TYPE_CHECKING:  # imported while vLLM loads (the pool: httpx, aiohttp), not before
     from worker.requests.proxy import Proxy
     from worker.requests.relay import Pacing
+    from worker.upstream.verdicts import Verdict
 
 log = logging.getLogger("worker")
 Handler = Callable[[dict[str, Any]], AsyncIterator[Any]]
@@ -42,6 +43,20 @@ def make_handler(proxy: Proxy, pacing: Pacing | None = None) -> Handler:
     return handler
 
 
+def failed_handler(verdict: Verdict) -> Handler:
+    """The job handler of a worker whose start-up failed for good: every job fails at once
+    with the reason, rather than wait for a worker that will fail the same way again."""
+    from worker.requests.errors import ProxyError
+
+    failure = ProxyError(503, f"The worker could not start: {verdict.sentence}")
+
+    async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
+        log.warning("job %s: failed at once: the worker could not start", job.get("id", "-"))
+        yield failure.job_output()
+
+    return handler
+
+
 def _sdk_jobs_in_progress() -> int:
     from runpod.serverless.modules.worker_state import JobsProgress
 
@@ -51,14 +66,18 @@ def _sdk_jobs_in_progress() -> int:
 def _import_meanwhile() -> None:
     """What the queue worker needs only once vLLM is healthy, imported while it loads: the
     pool to vLLM and the Runpod SDK (over a second: py-cpuinfo, aiohttp)."""
+    importlib.import_module("worker.requests.proxy")
+    _import_sdk()
+
+
+def _import_sdk() -> None:
     # The SDK logs every yielded item at DEBUG, its default level: users' prompts and
     # answers would fill the log. INFO unless the deployment asks for more.
     # Importing the SDK calls logging.basicConfig, a no-op once the root logger has a
     # handler: ours (secrets masked) is set first (load_settings), or the SDK's would print
     # them unmasked.
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
-    for module in ("worker.requests.proxy", "runpod"):
-        importlib.import_module(module)
+    importlib.import_module("runpod")
 
 
 def serve_jobs(service: Service) -> None:
@@ -80,12 +99,22 @@ def serve_jobs(service: Service) -> None:
                              "concurrency_modifier": concurrency_modifier})
 
 
+def fail_jobs(verdict: Verdict, concurrency: int) -> None:
+    """Take jobs from the Runpod queue and fail each with `verdict` (until the serve
+    context ends the process)."""
+    _import_sdk()
+    import runpod
+
+    runpod.serverless.start({"handler": failed_handler(verdict), "return_aggregate_stream": True,
+                             "concurrency_modifier": lambda current: concurrency})
+
+
 def main() -> None:
     settings = load_settings(os.environ)
     if settings.load_balancing:
         log.info("Serving a load-balancing endpoint on port %s: PORT is set and there is no "
                  "job queue (RUNPOD_WEBHOOK_GET_JOB is unset)", settings.port)
-        service = Service(settings, os.environ)
+        service = Service(settings, os.environ, tell_failure=lambda verdict: None)  # /ping
         service.handle_signals()
         service.start_in_background(lambda: log.info("Ready: /ping answers 200"))
         service.spawned.wait(SPAWN_FIRST)  # the server's own imports come after the spawn
@@ -95,7 +124,8 @@ def main() -> None:
         return
     log.info("Taking jobs from the Runpod queue: %s", "RUNPOD_WEBHOOK_GET_JOB is set"
              if os.environ.get("RUNPOD_WEBHOOK_GET_JOB") else "PORT is not set")
-    with serving(os.environ, settings, _import_meanwhile) as service:
+    with serving(os.environ, settings, _import_meanwhile,
+                 lambda verdict: fail_jobs(verdict, settings.max_concurrency)) as service:
         serve_jobs(service)
 
 

@@ -78,7 +78,8 @@ Switches (environment variables):
   "body", "status", "response"}` (`path` as sent, `body` parsed as JSON when it is JSON
   (None for a GET), `response` the exact body sent, streams included, even cut short;
   bytes that are not UTF-8 come back with `.encode("utf-8", "surrogateescape")`).
-- FAKE_VLLM_PID_FILE=<file>: write the server's pid there at start.
+- FAKE_VLLM_PID_FILE=<file>: write the server's pid and its process group's id there at
+  start (`<pid> <pgid>`).
 - FAKE_VLLM_ARGV_FILE=<file>: write the argv it was started with there, as a JSON list.
 - FAKE_VLLM_PRINT_ENV=<NAME>: print `INFO fake vllm: environment NAME=<value>` at start,
   like a server that dumps its environment.
@@ -208,7 +209,7 @@ def main(argv: list[str]) -> None:
     else:
         signal.signal(signal.SIGTERM, on_sigterm)
     if switches.pid_file:
-        write_atomically(switches.pid_file, str(os.getpid()))
+        write_atomically(switches.pid_file, f"{os.getpid()} {os.getpgrp()}")
     if switches.argv_file:
         write_atomically(switches.argv_file, json.dumps(argv))
     if name := switches.print_env:

@@ -153,7 +153,8 @@ def test_vllm_killed_mid_stream_fails_jobs_and_exits_non_zero_leaving_nothing(
     worker = serving(launch(FAKE_VLLM_TOKEN_DELAY="0.02", FAKE_VLLM_GRANDCHILD="obey"),
                      platform)
     vllm = worker.vllm_pid()
-    wait_until(lambda: len(group_members(vllm)) == 2, 5, "the stand-in's engine core")
+    group = worker.vllm_group()
+    wait_until(lambda: len(group_members(group)) == 3, 5, "the stand-in's engine core")
     streaming = platform.queue_job({"openai_route": "/v1/chat/completions",
                                     "openai_input": {**CHAT, "max_tokens": 2000,
                                                      "stream": True}})
@@ -172,7 +173,7 @@ def test_vllm_killed_mid_stream_fails_jobs_and_exits_non_zero_leaving_nothing(
 
     assert code != 0
     assert time.monotonic() - killed < 8
-    assert group_members(vllm) == [], "the engine core must not outlive the worker"
+    assert group_members(group) == [], "the engine core must not outlive the worker"
     assert group_members(worker.proc.pid) == [], "nor the SDK's heartbeat process"
     assert set(later_result) == {"error"}
     assert json.loads(later_result["error"])["error"]["code"] == 503
@@ -184,12 +185,32 @@ def test_vllm_killed_mid_stream_fails_jobs_and_exits_non_zero_leaving_nothing(
     assert "killed by SIGKILL while serving" in worker.log()
 
 
+def test_a_worker_killed_by_sigkill_mid_stream_takes_its_vllm_with_it(
+        launch: Callable[..., Worker], platform: Platform) -> None:
+    """No signal reaches vLLM when its worker is SIGKILLed (outside a container nothing
+    else ends it): its guard sees the worker gone and ends the whole group, the engine
+    core that ignores SIGTERM included."""
+    worker = serving(launch(FAKE_VLLM_TOKEN_DELAY="0.02", FAKE_VLLM_GRANDCHILD="ignore-sigterm"),
+                     platform)
+    group = worker.vllm_group()
+    wait_until(lambda: len(group_members(group)) == 3, 5, "the stand-in's engine core")
+    streaming = platform.queue_job({"openai_route": "/v1/chat/completions",
+                                    "openai_input": {**CHAT, "max_tokens": 5000,
+                                                     "stream": True}})
+    platform.wait(lambda: platform.streams.get(streaming), 10, "the stream's first post")
+
+    os.kill(worker.proc.pid, signal.SIGKILL)  # the worker alone, not its group
+    killed = time.monotonic()
+    wait_until(lambda: group_members(group) == [], 10, "every vLLM process gone")
+    assert time.monotonic() - killed < 3 + 2, "within the guard's grace, then SIGKILL"
+
+
 def test_sigterm_lets_the_stream_in_flight_finish_then_exits_zero(
         launch: Callable[..., Worker], platform: Platform) -> None:
     """A scale-down must not cut the answers being streamed; then nothing may be left running."""
     worker = serving(launch(FAKE_VLLM_TOKEN_DELAY="0.05", FAKE_VLLM_GRANDCHILD="obey",
                             SHUTDOWN_GRACE_PERIOD="10"), platform)
-    vllm = worker.vllm_pid()
+    group = worker.vllm_group()
     job_id = platform.queue_job({"openai_route": "/v1/chat/completions",
                                  "openai_input": {**CHAT, "max_tokens": 30, "stream": True}})
     platform.wait(lambda: platform.streams.get(job_id), 10, "the stream's first post")
@@ -205,7 +226,7 @@ def test_sigterm_lets_the_stream_in_flight_finish_then_exits_zero(
     assert [json.loads(d)["choices"][0]["delta"]["content"] for d in data[1:-1]] == [
         f"tok{i} " for i in range(30)]
     assert code == 0
-    assert group_members(vllm) == []
+    assert group_members(group) == []
     assert group_members(worker.proc.pid) == [], "nothing of the worker may be left either"
 
 
@@ -213,7 +234,7 @@ def test_sigterm_stops_within_the_grace_period_when_a_stream_outlasts_it(
         launch: Callable[..., Worker], platform: Platform) -> None:
     """The platform SIGKILLs a worker that lingers: the grace period must bound the drain."""
     worker = serving(launch(FAKE_VLLM_TOKEN_DELAY="0.05", SHUTDOWN_GRACE_PERIOD="1"), platform)
-    vllm = worker.vllm_pid()
+    group = worker.vllm_group()
     job_id = platform.queue_job({"openai_route": "/v1/chat/completions",
                                  "openai_input": {**CHAT, "max_tokens": 400, "stream": True}})
     platform.wait(lambda: platform.streams.get(job_id), 10, "the stream's first post")
@@ -225,7 +246,7 @@ def test_sigterm_stops_within_the_grace_period_when_a_stream_outlasts_it(
     assert code == 0
     assert 1 <= time.monotonic() - signalled < 5
     assert "job(s) still running after 1 s: stopping anyway" in worker.log()
-    assert group_members(vllm) == []
+    assert group_members(group) == []
     assert group_members(worker.proc.pid) == []
 
 
@@ -234,14 +255,14 @@ def test_sigterm_with_stubborn_vllm_still_leaves_no_process(
     """A vLLM that ignores SIGTERM (engine core too) would keep the GPU: it is SIGKILLed."""
     worker = serving(launch(FAKE_VLLM_IGNORE_SIGTERM="1", FAKE_VLLM_GRANDCHILD="ignore-sigterm",
                             SHUTDOWN_GRACE_PERIOD="1"), platform)
-    vllm = worker.vllm_pid()
-    wait_until(lambda: len(group_members(vllm)) == 2, 5, "the stand-in's engine core")
+    group = worker.vllm_group()
+    wait_until(lambda: len(group_members(group)) == 3, 5, "the stand-in's engine core")
 
     worker.proc.send_signal(signal.SIGTERM)
     code = worker.exit_code(timeout=30)  # vLLM gets 10 s after SIGTERM, then SIGKILL
 
     assert code == 0
-    assert group_members(vllm) == []
+    assert group_members(group) == []
     assert group_members(worker.proc.pid) == []
     assert "sending SIGKILL" in worker.log()
 
@@ -249,7 +270,7 @@ def test_sigterm_with_stubborn_vllm_still_leaves_no_process(
 # ------------------------------------------------------------------ start-up --
 
 @pytest.mark.parametrize(("overrides", "cause"), [
-    ({"MODEL_PATH": "/nonexistent/tiny-model"},
+    ({"MODEL_PATH": "/nonexistent/tiny-model", "FAILED_START_SECONDS": "0"},
      "Start-up failed: MODEL_PATH=/nonexistent/tiny-model does not exist."),
     ({"GPU_MEMORY_UTILIZATION": "1.5"},
      "Invalid setting: GPU_MEMORY_UTILIZATION='1.5' is not valid"),
@@ -272,21 +293,41 @@ def test_start_up_failure_exits_non_zero_naming_the_cause_before_taking_jobs(
     assert platform.pings == []
     if "FAKE_VLLM_EXIT_AFTER" in overrides:
         assert "RuntimeError: simulated start-up failure (exit code 3)" in log
-        assert group_members(worker.vllm_pid()) == []
+        assert group_members(worker.vllm_group()) == []
+
+
+def test_a_start_up_failure_for_good_fails_each_job_with_its_reason_then_exits(
+        launch: Callable[..., Worker], platform: Platform) -> None:
+    """A worker that would fail the same way on every restart tells the jobs waiting for it,
+    for FAILED_START_SECONDS, and ends its log with the reason."""
+    worker = launch(MODEL_PATH="/nonexistent/tiny-model", FAILED_START_SECONDS="4")
+    jobs = [platform.queue_job({"messages": [{"role": "user", "content": "hi"}]})
+            for _ in range(2)]
+    results = [platform.result(job, timeout=20) for job in jobs]
+    code = worker.exit_code(timeout=20)
+    for result in results:
+        error = json.loads(result["error"])["error"]
+        assert error["code"] == 503
+        assert error["message"] == ("The worker could not start: MODEL_PATH=/nonexistent/"
+                                    "tiny-model does not exist.")
+    assert code == 1
+    last = worker.log().strip().splitlines()[-1]
+    assert last.endswith("Exiting: MODEL_PATH=/nonexistent/tiny-model does not exist.")
+    assert "Traceback" not in worker.log()
 
 
 def test_sigterm_while_vllm_loads_stops_it_too(
         launch: Callable[..., Worker], platform: Platform) -> None:
     """Scale-downs often come while vLLM loads for minutes: it must not be left running."""
     worker = launch(FAKE_VLLM_HEALTHY_AFTER="60", FAKE_VLLM_GRANDCHILD="obey")
-    vllm = worker.vllm_pid()
-    wait_until(lambda: len(group_members(vllm)) == 2, 5, "the stand-in's engine core", worker)
+    group = worker.vllm_group()
+    wait_until(lambda: len(group_members(group)) == 3, 5, "the stand-in's engine core", worker)
 
     worker.proc.send_signal(signal.SIGTERM)
     code = worker.exit_code(timeout=10)
 
     assert code == 0
-    assert group_members(vllm) == []
+    assert group_members(group) == []
     assert group_members(worker.proc.pid) == []
     assert platform.takes == 0
 

@@ -74,8 +74,8 @@ def run_json(env: dict[str, str], *args: str) -> tuple[int, dict[str, object], s
 
 
 def assert_vllm_stopped(tmp_path: Path) -> None:
-    pid = int((tmp_path / "vllm.pid").read_text())
-    assert group_members(pid) == [], "vLLM's process group outlived the diagnostic"
+    group = int((tmp_path / "vllm.pid").read_text().split()[1])
+    assert group_members(group) == [], "vLLM's process group outlived the diagnostic"
 
 
 # ------------------------------------------------------------- dry runs --
@@ -178,7 +178,8 @@ def test_a_port_in_use_fails_the_checks(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         code, report, _ = run_json(base_env(tmp_path, MODEL_PATH=str(folder), VLLM_PORT=str(port)))
     assert code == diagnostic.EXIT_CHECK
-    assert f"127.0.0.1:{port} (VLLM_PORT) is taken" in str(report["error"])
+    assert f"127.0.0.1:{port} (VLLM_PORT) is already in use by process {os.getpid()}" in \
+        str(report["error"])
 
 
 def test_with_vllm_base_url_it_asks_that_server_for_the_served_model(

@@ -38,11 +38,11 @@ def real_vllm_env(port: int, **overrides: str) -> dict[str, str]:
             **NO_COMPILE, **overrides}
 
 
-def vllm_leader(port: int) -> int:
-    """The API server's pid (its process group's id) among the processes serving `port`."""
-    leaders = [pid for pid in vllm_processes(port) if os.getpgid(pid) == pid]
-    assert len(leaders) == 1, leaders
-    return leaders[0]
+def vllm_server(port: int) -> tuple[int, int]:
+    """The API server's pid and its process group (led by the guard that started it)."""
+    servers = [pid for pid in vllm_processes(port) if os.getpgid(pid) != pid]
+    assert len(servers) == 1, servers
+    return servers[0], os.getpgid(servers[0])
 
 
 class RealWorker:
@@ -81,9 +81,9 @@ def test_real_vllm_killed_mid_stream_fails_jobs_clearly_and_leaves_no_engine_cor
         real_worker: RealWorker) -> None:
     real = real_worker
     platform, worker = real.platform, real.worker
-    leader = vllm_leader(real.port)
+    server, leader = vllm_server(real.port)
     members = group_members(leader)
-    assert len(members) >= 2, "the API server and its engine core"
+    assert len(members) >= 3, "the guard, the API server and its engine core"
     streaming = platform.queue_job(chat(max_tokens=7000, stream=True))
     platform.wait(lambda: platform.streams.get(streaming), 60, "the stream's first post")
     waiting = platform.queue_job(chat(max_tokens=7000))
@@ -92,7 +92,7 @@ def test_real_vllm_killed_mid_stream_fails_jobs_clearly_and_leaves_no_engine_cor
     platform.hold_stream_posts()
     platform.wait(lambda: platform.held_stream_posts, 10, "a stream post to hold")
 
-    os.kill(leader, signal.SIGKILL)
+    os.kill(server, signal.SIGKILL)
     killed = time.monotonic()
     later = platform.queue_job(chat(max_tokens=5))
     later_result, waiting_result = platform.result(later), platform.result(waiting)
@@ -118,8 +118,8 @@ def test_real_vllm_sigterm_lets_the_stream_finish_then_stops_every_vllm_process(
         real_worker: RealWorker) -> None:
     real = real_worker
     platform, worker = real.platform, real.worker
-    leader = vllm_leader(real.port)
-    assert len(group_members(leader)) >= 2
+    _, leader = vllm_server(real.port)
+    assert len(group_members(leader)) >= 3
     job_id = platform.queue_job(chat(max_tokens=400, stream=True,
                                      stream_options={"include_usage": True}))
     platform.wait(lambda: platform.streams.get(job_id), 60, "the stream's first post")
@@ -200,7 +200,7 @@ def test_real_vllm_killed_mid_stream_of_the_load_balancing_server(tmp_path: Path
             assert answer.status_code == 200, answer.read()
             chunks = answer.iter_raw()
             first = next(chunks)
-            leader = vllm_leader(vllm_port)
+            _, leader = vllm_server(vllm_port)
             os.killpg(leader, signal.SIGKILL)
             text = (first + b"".join(chunks)).decode()
             after = ping()

@@ -65,7 +65,8 @@ def test_vllm_killed_with_jobs_in_flight_fails_each_clearly_and_the_worker_is_go
     worker = serving(start_workers(FAKE_VLLM_TOKEN_DELAY="0.02", FAKE_VLLM_ANSWER_DELAY="30",
                                    FAKE_VLLM_GRANDCHILD="ignore-sigterm"), platform)
     vllm = worker.vllm_pid()
-    wait_until(lambda: len(group_members(vllm)) == 2, 5, "the stand-in's engine core", worker)
+    group = worker.vllm_group()
+    wait_until(lambda: len(group_members(group)) == 3, 5, "the stand-in's engine core", worker)
     streaming = platform.queue_job(chat_job(max_tokens=2000, stream=True))
     platform.wait(lambda: platform.streams.get(streaming), 10, "the stream's first post")
     waiting = platform.queue_job(chat_job())
@@ -84,7 +85,7 @@ def test_vllm_killed_with_jobs_in_flight_fails_each_clearly_and_the_worker_is_go
 
     assert code != 0
     assert took < 5, f"the worker took {took:.1f} s to exit"
-    assert group_members(vllm) == [], "vLLM's engine core outlived the worker"
+    assert group_members(group) == [], "vLLM's engine core outlived the worker"
     assert group_members(worker.proc.pid) == []
     for result in (later_result, waiting_result):
         assert set(result) == {"error"}
@@ -111,7 +112,7 @@ def test_a_vllm_that_never_becomes_healthy_or_dies_loading_ends_the_worker_with_
     job was ever taken, and no process of vLLM's group (engine core included) is left."""
     worker = start_workers(VLLM_STARTUP_TIMEOUT="3", FAKE_VLLM_GRANDCHILD="obey", **switches)
     started = time.monotonic()
-    vllm = worker.vllm_pid()
+    group = worker.vllm_group()
 
     code = worker.exit_code(timeout=15)
     took = time.monotonic() - started
@@ -122,7 +123,7 @@ def test_a_vllm_that_never_becomes_healthy_or_dies_loading_ends_the_worker_with_
     assert reason in log
     assert "Its last lines:\n" in log and last_line in log.split(reason, 1)[1]
     assert "Traceback" not in log
-    assert group_members(vllm) == [] and group_members(worker.proc.pid) == []
+    assert group_members(group) == [] and group_members(worker.proc.pid) == []
     assert job_platform.takes == 0
 
 
@@ -136,8 +137,8 @@ def test_sigterm_finishes_the_streams_in_flight_takes_no_new_job_and_kills_a_stu
     worker = serving(start_workers(FAKE_VLLM_TOKEN_DELAY="0.05", FAKE_VLLM_IGNORE_SIGTERM="1",
                                    FAKE_VLLM_GRANDCHILD="ignore-sigterm",
                                    SHUTDOWN_GRACE_PERIOD="10"), platform)
-    vllm = worker.vllm_pid()
-    wait_until(lambda: len(group_members(vllm)) == 2, 5, "the stand-in's engine core", worker)
+    group = worker.vllm_group()
+    wait_until(lambda: len(group_members(group)) == 3, 5, "the stand-in's engine core", worker)
     jobs = [platform.queue_job(chat_job(max_tokens=60, stream=True)) for _ in range(3)]
     platform.wait(lambda: all(platform.streams.get(j) for j in jobs), 10, "three streams")
 
@@ -164,7 +165,7 @@ def test_sigterm_finishes_the_streams_in_flight_takes_no_new_job_and_kills_a_stu
             f"tok{i} " for i in range(60)]
     assert platform.takes == takes and late not in platform.results
     assert "sending SIGKILL" in worker.log()
-    assert group_members(vllm) == [] and group_members(worker.proc.pid) == []
+    assert group_members(group) == [] and group_members(worker.proc.pid) == []
 
 
 # ------------------------------------------------------------ upstream hangs --

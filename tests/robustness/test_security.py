@@ -31,7 +31,7 @@ from fakes.platform import Platform
 from fakes.vllm import free_port
 from support import SERVED, LocalEndpoint, proxy_to, stand_in_python
 from support.workers import CHAT, Worker, model_folder, serving
-from worker.serve import local_api
+from worker.serve import api_key
 from worker.settings.loader import load
 from worker.upstream.child import group_members
 
@@ -112,7 +112,7 @@ def test_the_vllm_child_listens_on_loopback_only(
         start_workers: Callable[..., Worker], job_platform: Platform) -> None:
     port = free_port()
     worker = serving(start_workers(VLLM_PORT=str(port)), job_platform)
-    assert group_members(worker.vllm_pid())
+    assert group_members(worker.vllm_group())
     assert listening_addresses(port) == ["0100007F"]
 
 
@@ -155,7 +155,7 @@ def test_every_setting_reaches_vllm_as_its_own_argv_item_never_through_a_shell(
     assert argv[argv.index("--tokenizer") + 1] == hostile["TOKENIZER"]
     assert argv[:2] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("pwned")) == []
-    assert group_members(worker.vllm_pid())
+    assert group_members(worker.vllm_group())
 
 
 # -------------------------------------------------------- the local endpoint --
@@ -246,16 +246,17 @@ def test_the_api_key_is_compared_in_constant_time_on_every_request(
         compared.append((given, expected))
         return constant_time(given, expected)
 
-    monkeypatch.setattr(local_api.hmac, "compare_digest", recording)
+    monkeypatch.setattr(api_key.hmac, "compare_digest", recording)
     proxy = proxy_to(fake_vllm)
-    guesses = [b"Bearer", b"Bearer k", b"Bearer the-key-", b"bearer the-key-0",
+    guesses = [b"Bearer", b"Bearer k", b"Bearer the-key-", b"Basic the-key-0",
                b"Bearer the-key-0" * 50]
     with LocalEndpoint(proxy, api_key="the-key-0") as endpoint:
         statuses = [httpx.get(f"{endpoint.url}/health").status_code]
         statuses += [httpx.get(f"{endpoint.url}/health", headers={"Authorization": g.decode()}
                                ).status_code for g in guesses]
     assert statuses == [401] * (1 + len(guesses))
-    assert compared == [(guess, b"Bearer the-key-0") for guess in [b"", *guesses]]
+    tokens = [guess.partition(b" ")[2].strip() for guess in [b"", *guesses]]
+    assert compared == [(token, b"the-key-0") for token in tokens]
 
 
 @pytest.mark.parametrize("path", ["/runsync", "/run", "/openai/v1/chat/completions"])

@@ -219,6 +219,7 @@ def test_vllm_killed_mid_stream_ends_it_in_band_then_ping_503_and_the_worker_goe
         start_lb: Callable[..., LoadBalanced]) -> None:
     server = start_lb(FAKE_VLLM_TOKEN_DELAY="0.02", FAKE_VLLM_GRANDCHILD="obey").ready()
     vllm = server.worker.vllm_pid()
+    group = server.worker.vllm_group()
     body = chat(max_tokens=2000, stream=True)
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as answer:
         chunks = answer.iter_raw()
@@ -232,14 +233,14 @@ def test_vllm_killed_mid_stream_ends_it_in_band_then_ping_503_and_the_worker_goe
     assert error["code"] == 503 and "SIGKILL" in error["message"]
     assert pings[0] in (503, None), "never 200 again"
     assert server.worker.exit_code(timeout=10) != 0
-    assert group_members(vllm) == [] and group_members(server.worker.proc.pid) == []
+    assert group_members(group) == [] and group_members(server.worker.proc.pid) == []
 
 
 def test_sigterm_gives_streams_the_grace_period_then_ends_them_in_band(
         start_lb: Callable[..., LoadBalanced]) -> None:
     server = start_lb(FAKE_VLLM_TOKEN_DELAY="0.05", SHUTDOWN_GRACE_PERIOD="1",
                       FAKE_VLLM_GRANDCHILD="obey").ready()
-    vllm = server.worker.vllm_pid()
+    group = server.worker.vllm_group()
     body = chat(max_tokens=400, stream=True)
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as answer:
         chunks = answer.iter_raw()
@@ -256,17 +257,17 @@ def test_sigterm_gives_streams_the_grace_period_then_ends_them_in_band(
     assert json.loads(events[1])["choices"], "the stream ran during the grace period"
     assert took < 5
     assert server.worker.exit_code(timeout=15) == 0
-    assert group_members(vllm) == [] and group_members(server.worker.proc.pid) == []
+    assert group_members(group) == [] and group_members(server.worker.proc.pid) == []
 
 
 def test_sigterm_while_vllm_loads_stops_it_and_exits_0(
         start_lb: Callable[..., LoadBalanced]) -> None:
     server = start_lb(FAKE_VLLM_HEALTHY_AFTER="60", FAKE_VLLM_GRANDCHILD="obey")
-    vllm = server.worker.vllm_pid()
+    group = server.worker.vllm_group()
     wait_until(lambda: server.ping() == 204, 10, "/ping 204", server.worker)
     server.worker.proc.send_signal(signal.SIGTERM)
     assert server.worker.exit_code(timeout=15) == 0
-    assert group_members(vllm) == [] and group_members(server.worker.proc.pid) == []
+    assert group_members(group) == [] and group_members(server.worker.proc.pid) == []
 
 
 def test_a_failed_start_exits_1_naming_the_cause(start_lb: Callable[..., LoadBalanced]) -> None:
@@ -313,3 +314,17 @@ def test_with_only_the_local_endpoints_key_the_server_warns_at_start_that_it_is_
     assert httpx.get(f"{server.url}/v1/models", timeout=10).status_code == 200, "it is open"
     guarded = start_lb(API_KEY="lb-key").ready()
     assert "asks no API key" not in guarded.worker.log()
+
+
+def test_a_start_up_failure_for_good_is_a_503_with_its_reason_until_the_worker_exits(
+        start_lb: Callable[..., LoadBalanced]) -> None:
+    server = start_lb(MODEL_PATH="/nonexistent/tiny-model", FAILED_START_SECONDS="4")
+    reason = "MODEL_PATH=/nonexistent/tiny-model does not exist."
+    wait_until(lambda: server.ping() == 503, 20, "/ping 503", server.worker)
+    ping = httpx.get(f"{server.url}/ping", timeout=5).json()
+    chat = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT, timeout=5)
+    assert ping == {"status": "failed", "error": reason}
+    assert chat.status_code == 503
+    assert chat.json()["error"]["message"] == f"The worker could not start: {reason}"
+    assert server.worker.exit_code(timeout=20) == 1
+    assert server.worker.log().strip().splitlines()[-1].endswith(f"Exiting: {reason}")

@@ -290,7 +290,7 @@ def test_sigterm_gives_work_one_grace_period_then_ends_open_streams_in_band(
     """One grace period in total: streams still open at its end get an error event and
     [DONE]; a /run job that finished meanwhile can still be fetched; nothing is left."""
     worker, url = endpoint_process
-    vllm = worker.vllm_pid()
+    group = worker.vllm_group()
     quick = httpx.post(f"{url}/run", json={"input": {**ASK, "max_tokens": 4}}).json()
     body = {**ASK, "model": TINY, "max_tokens": 2000, "stream": True}
     with httpx.stream("POST", f"{url}/openai/v1/chat/completions", json=body,
@@ -310,4 +310,26 @@ def test_sigterm_gives_work_one_grace_period_then_ends_open_streams_in_band(
     assert 1 <= took < 4, "one grace period, not two"
     assert refused.status_code == 503 and done["status"] == "COMPLETED"
     assert worker.exit_code(timeout=15) == 0
-    assert group_members(vllm) == [] and group_members(worker.proc.pid) == []
+    assert group_members(group) == [] and group_members(worker.proc.pid) == []
+
+
+def test_a_start_up_failure_for_good_fails_runsync_and_openai_calls_with_its_reason(
+        tmp_path: Path) -> None:
+    port = free_port()
+    worker = start_worker(tmp_path, None, "local_endpoint.py", "--port", str(port),
+                          MODEL_PATH="/nonexistent/tiny-model", FAILED_START_SECONDS="4")
+    url = f"http://127.0.0.1:{port}/v2/local"
+    reason = "MODEL_PATH=/nonexistent/tiny-model does not exist."
+    try:
+        wait_until(lambda: "answering every job with" in worker.log(), 20, "the endpoint",
+                   worker)
+        done = httpx.post(f"{url}/runsync", json={"input": ASK}, timeout=10).json()
+        chat = httpx.post(f"{url}/openai/v1/chat/completions", json=ASK, timeout=10)
+        assert done["status"] == "FAILED"
+        assert json.loads(done["error"])["error"]["message"] == \
+            f"The worker could not start: {reason}"
+        assert chat.status_code == 503 and reason in chat.json()["error"]["message"]
+        assert worker.exit_code(timeout=20) == 1
+        assert worker.log().strip().splitlines()[-1].endswith(f"Exiting: {reason}")
+    finally:
+        kill_worker(worker)

@@ -62,11 +62,19 @@ class Worker:
     def log(self) -> str:
         return (self.directory / "worker.log").read_text(errors="replace")
 
-    def vllm_pid(self) -> int:
-        """The stand-in's pid, which is also its process group's id."""
+    def _vllm_ids(self) -> list[int]:
         pid_file = self.directory / "vllm.pid"
         wait_until(pid_file.exists, 10, "the stand-in's pid")
-        return int(pid_file.read_text())
+        return [int(word) for word in pid_file.read_text().split()]
+
+    def vllm_pid(self) -> int:
+        """The stand-in's pid."""
+        return self._vllm_ids()[0]
+
+    def vllm_group(self) -> int:
+        """The stand-in's process group: its guard's pid (the guard, the stand-in and its
+        engine core are its members)."""
+        return self._vllm_ids()[1]
 
     def vllm_requests(self) -> list[dict[str, Any]]:
         """What the stand-in served, health checks left out."""
@@ -141,7 +149,7 @@ def kill_worker(worker: Worker) -> None:
     groups = [worker.proc.pid, *_groups_of_children(worker.proc.pid)]
     pid_file = worker.directory / "vllm.pid"
     if pid_file.exists():
-        groups.append(int(pid_file.read_text()))
+        groups.append(int(pid_file.read_text().split()[1]))
     for pgid in groups:
         if group_members(pgid):
             with contextlib.suppress(ProcessLookupError):

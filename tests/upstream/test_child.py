@@ -31,7 +31,7 @@ def test_healthy_child_stops_cleanly_leaving_no_process_of_its_group(
     took = wait_healthy(started.url, timeout=15, child=started.child)
     assert took >= 0.3
     pgid = started.child.pid
-    wait_for(lambda: len(group_members(pgid)) == 2, 5, "the server and its engine core")
+    wait_for(lambda: len(group_members(pgid)) == 3, 5, "the guard, the server and its engine core")
 
     began = time.monotonic()
     started.child.stop(grace=5)
@@ -55,7 +55,7 @@ def test_processes_ignoring_sigterm_are_killed_after_the_grace_period(
     started = spawn(FAKE_VLLM_IGNORE_SIGTERM=server, FAKE_VLLM_GRANDCHILD=engine_core)
     wait_healthy(started.url, timeout=15, child=started.child)
     pgid = started.child.pid
-    wait_for(lambda: len(group_members(pgid)) == 2, 5, "the server and its engine core")
+    wait_for(lambda: len(group_members(pgid)) == 3, 5, "the guard, the server and its engine core")
     caplog.set_level(logging.WARNING, logger="worker.supervisor")
 
     began = time.monotonic()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from model_locator import weights_size
 from worker.launch.plan import Launch, child_env
 from worker.settings.loader import Settings
+from worker.upstream.ports import taken
 
 IMPORT_TIMEOUT = 300.0  # importing vLLM takes 10-60 s; a hung import is reported, not awaited
 _IMPORT_VLLM = "import vllm; print('vllm-version=' + vllm.__version__)"
@@ -138,13 +138,8 @@ def check_disk(hf_home: str, needs_download: bool) -> Check:
 
 def check_port(port: int) -> Check:
     """Can vLLM bind its loopback port (as uvicorn does, with SO_REUSEADDR)?"""
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError as exc:
-            return Check("port", "fail", f"127.0.0.1:{port} (VLLM_PORT) is taken ({exc.strerror})"
-                                         ": is a worker or vLLM already running here?")
+    if (why := taken(port)) is not None:
+        return Check("port", "fail", why)
     return Check("port", "ok", f"127.0.0.1:{port} is free")
 
 

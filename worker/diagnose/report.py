@@ -50,8 +50,9 @@ from worker.masking import MASK, is_secret_name, mask, mask_argv, secret_values,
 from worker.settings.loader import Settings, SettingsError, load
 from worker.settings.table import SETTINGS, Setting
 from worker.upstream.child import QUOTED_LINES, VllmChild
-from worker.upstream.supervisor import StartupError, wait_healthy
+from worker.upstream.supervisor import StartupError, facts_of, wait_healthy
 from worker.upstream.timeline import Timeline
+from worker.upstream.verdicts import judge
 
 EXIT_OK, EXIT_SETTINGS, EXIT_MODEL, EXIT_CHECK = 0, 2, 3, 4
 EXIT_VLLM_EXITED, EXIT_TIMEOUT, EXIT_NOT_SERVING = 5, 6, 7
@@ -128,7 +129,7 @@ class Report:
         self.data: dict[str, Any] = {
             "ok": True, "exit_code": EXIT_OK, "failed_step": None, "error": None,
             "settings": [], "flags": [], "notes": [], "warnings": [], "models": [],
-            "checks": [], "launch": None}
+            "checks": [], "launch": None, "verdict": None}
 
     def say(self, text: str) -> None:
         if not self.as_json:
@@ -170,6 +171,10 @@ class Report:
 
     def finish(self, code: int, step: str | None = None, error: str | None = None) -> int:
         self.data.update(ok=code == EXIT_OK, exit_code=code, failed_step=step, error=error)
+        if error and step in ("settings", "model") and self.data["verdict"] is None:
+            # the worker's own checks: a sentence already, and no restart changes a setting
+            self.data["verdict"] = {"cause": "setting" if step == "settings" else "model",
+                                    "sentence": error, "permanent": True}
         if self.as_json:
             print(json.dumps(_masked(self.data, self.secrets), indent=2), file=self.out)
         elif error:
@@ -220,9 +225,13 @@ def launch(launches: Sequence[Launch], timeout: float, api_key: str | None,
             except StartupError:
                 reason = child.exit_reason()
                 result.update(model=served, exit=reason, last_lines=child.tail(QUOTED_LINES))
+                verdict = judge(child.tail(), facts_of(planned))
+                if verdict is not None:
+                    report.data["verdict"] = asdict(verdict)
                 if reason:
+                    what = f"vLLM for {served} {reason} during start-up"
                     outcome = (EXIT_VLLM_EXITED, "launch",
-                               f"vLLM for {served} {reason} during start-up")
+                               f"{what}: {verdict.sentence}" if verdict else what)
                 else:
                     outcome = (EXIT_TIMEOUT, "launch",
                                f"vLLM for {served} was not healthy after {timeout:g} s")
@@ -247,7 +256,7 @@ def launch(launches: Sequence[Launch], timeout: float, api_key: str | None,
             report.say(f"  {timeline.summary()}")
     elif result["last_lines"]:
         report.say("  its last lines:\n" + "\n".join(f"    {x}" for x in result["last_lines"]))
-    return report.finish(*outcome)
+    return report.finish(*outcome)  # the verdict, if there is one, is the last line
 
 
 def diagnose(args: argparse.Namespace, env: Mapping[str, str], report: Report) -> int:

@@ -82,6 +82,10 @@ class EventReader:
                 if not self.interrupted:
                     self.failure = await self._verdicts.transport_error(exc)
                 break
+            except Exception:  # what closing the answer under a read raises (aiohttp's own)
+                if not self.interrupted:
+                    raise
+                break
             if self._pending:
                 chunk, self._pending = self._pending + chunk, b""
             end = len(chunk) if chunk.endswith(b"\n\n") else event_end(chunk)

@@ -26,6 +26,20 @@ from httpx_aiohttp import AiohttpTransport
 
 CONNECT_TIMEOUT = 10.0
 KEEP_IDLE = 4.0  # seconds an idle connection is kept (vLLM's uvicorn closes them at 5)
+PIECE = 1 << 20  # aiohttp writes a body of raw bytes in one go, and warns above this size
+
+
+def request_body(content: bytes) -> tuple[bytes | AsyncIterator[bytes], dict[str, str]]:
+    """A request body as the transport should get it, and the headers it needs: a large one
+    in pieces (with its length, so it is not sent chunked), written as the socket takes them."""
+    if len(content) <= PIECE:
+        return content, {}
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(content), PIECE):
+            yield content[start:start + PIECE]
+
+    return pieces(), {"Content-Length": str(len(content))}
 
 
 def remap(exc: Exception) -> Exception:

@@ -31,7 +31,7 @@ import httpx
 from worker.requests.contract import UpstreamRequest, requested_model, resolve, shape_answer
 from worker.requests.errors import ProxyError, from_upstream
 from worker.requests.event_reader import EventReader
-from worker.requests.pool import make_client
+from worker.requests.pool import make_client, request_body
 from worker.requests.relay import Pacing, StreamRelay
 from worker.requests.sse import StreamKind, error_event
 from worker.upstream.target import Target
@@ -196,9 +196,10 @@ class Proxy:
         """Send `request` with `content` as its body; the response, its body still to read
         (close it). ProxyError when vLLM cannot be reached."""
         url = request.target.base_url + request.path + (f"?{query.decode()}" if query else "")
-        message = self.client.build_request(
-            request.method, url, content=content,
-            headers={"Content-Type": "application/json"} if content is not None else None)
+        body, headers = request_body(content) if content is not None else (None, {})
+        if content is not None:
+            headers["Content-Type"] = "application/json"
+        message = self.client.build_request(request.method, url, content=body, headers=headers)
         try:
             return await self.client.send(message, stream=True)
         except httpx.HTTPError as exc:

@@ -22,6 +22,7 @@ def refusal(headers: Iterable[tuple[bytes, bytes]], key: str | None) -> ProxyErr
         return ProxyError(400, f"The request has {len(given)} Authorization headers: {WANTED} "
                                "once.", None, "BadRequestError")
     scheme, _, token = (given[0] if given else b"").strip().partition(b" ")
-    if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key.encode()):
+    matches = hmac.compare_digest(token.strip(), key.encode())  # on every request alike
+    if scheme.lower() != b"bearer" or not matches:
         return ProxyError(401, f"Missing or wrong API key: {WANTED}.")
     return None

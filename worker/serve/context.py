@@ -4,8 +4,13 @@
         ...serve jobs or requests through service.proxy...
 
 1. Start-up: logging with secrets masked, the settings (exit code 2 when one is
-   invalid), one launch plan per model and every vLLM started and healthy (exit
-   code 1 with the reason and vLLM's last lines otherwise). Nothing is served before.
+   invalid), one launch plan per model and every vLLM started and healthy. Nothing is
+   served before. When that fails, the log ends with the reason in one sentence (the
+   verdict, upstream/verdicts.py). A failure a restart cannot fix (a setting, the model,
+   a gated repository, too little memory for the context) is told to the work that comes
+   (`tell_failure`: every job fails with the sentence, every request is a 503 with it)
+   for `FAILED_START_SECONDS`, then the process exits 1; any other exits 1 at once, so
+   the platform's restart can succeed.
 2. Supervision: if a vLLM dies while serving, new jobs are refused with a 503,
    jobs in flight get `DEATH_DRAIN_SECONDS` to get their errors out, every vLLM's
    group is stopped and the process exits 1, so the platform replaces the worker.
@@ -29,13 +34,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
 from model_locator import LocatorError
 from worker.launch.adapters import model_sizes
 from worker.launch.plan import plan_launches
-from worker.masking import secret_values, setup_logging
+from worker.masking import mask, secret_values, setup_logging
 from worker.settings.loader import Settings, SettingsError, load
 from worker.upstream.child import STOP_GRACE
 from worker.upstream.supervisor import (
@@ -48,6 +54,7 @@ from worker.upstream.supervisor import (
     start_upstreams,
     watch,
 )
+from worker.upstream.verdicts import Verdict
 
 if TYPE_CHECKING:  # the pool (httpx, aiohttp) is imported while vLLM loads, not before
     from worker.requests.proxy import Proxy
@@ -60,7 +67,21 @@ FLUSH_SECONDS = 2.0  # after the grace period, for the error events to go out
 class State(Enum):
     STARTING = "starting"
     READY = "ready"
+    FAILED = "failed"  # start-up failed for good: the failure is told until the exit
     STOPPING = "stopping"
+
+
+def verdict_of(exc: Exception) -> Verdict:
+    """What a start-up failure comes to: vLLM's own verdict when it is a known one; the
+    worker's own sentence for a setting or the model's files (a restart cannot fix
+    those); else vLLM's exit, as transient: the platform's restart may do better."""
+    if isinstance(exc, StartupError) and exc.verdict is not None:
+        return exc.verdict
+    if isinstance(exc, SettingsError):
+        return Verdict("setting", str(exc), permanent=True)
+    if isinstance(exc, LocatorError):
+        return Verdict("model", str(exc), permanent=True)
+    return Verdict("unknown", str(exc).split("\n")[0], permanent=False)
 
 
 def load_settings(env: Mapping[str, str]) -> Settings:
@@ -112,7 +133,8 @@ class Service:
 
     def __init__(self, settings: Settings, env: Mapping[str, str],
                  exit_process: Callable[[int], None] = exit_now,
-                 while_loading: Callable[[], None] = lambda: None) -> None:
+                 while_loading: Callable[[], None] = lambda: None,
+                 tell_failure: Callable[[Verdict], None] | None = None) -> None:
         self.settings = settings
         self.env = env
         self.exit_process = exit_process
@@ -120,6 +142,10 @@ class Service:
         # only later (the pool, the Runpod SDK) is imported then, off the start-up's path.
         self.while_loading = while_loading
         self.spawned = threading.Event()
+        # How the entry point tells a start-up failure to the work that comes (it may
+        # block, serving it); None: the process exits at once.
+        self.tell_failure = tell_failure
+        self.failure: Verdict | None = None
         self.state = State.STARTING
         self.fleet = Fleet()
         self.upstreams = self.fleet.upstreams
@@ -190,10 +216,35 @@ class Service:
             if self.stopping:
                 return False
             log.error("Start-up failed: %s", exc)
+            verdict = verdict_of(exc)  # it may quote vLLM, and so a secret: masked for answers
+            verdict = replace(verdict, sentence=mask(verdict.sentence, self.settings.secrets))
+            seconds = self.settings.failed_start_seconds
+            if verdict.permanent and seconds > 0 and self.tell_failure is not None:
+                self._tell(verdict, seconds)
+                return False
+            if verdict.cause != "unknown":  # the last line: the reason, first in a log view
+                log.error("%s", verdict.sentence)
             if threading.current_thread() is threading.main_thread():
                 sys.exit(1)  # unwinds through the serve context, which leaves nothing running
             self.exit_process(1)
             return False
+
+    def _tell(self, verdict: Verdict, seconds: float) -> None:
+        """Tell a failure a restart cannot fix to the work that comes, for `seconds`, then
+        exit 1 with the sentence as the log's last line."""
+        self.failure, self.state = verdict, State.FAILED
+        log.error("%s (every job and request is answered with this for %g s "
+                  "(FAILED_START_SECONDS), then the worker exits)", verdict.sentence, seconds)
+
+        def give_up() -> None:
+            log.error("Exiting: %s", verdict.sentence)
+            self.exit_process(1)
+
+        timer = threading.Timer(seconds, give_up)
+        timer.daemon = True
+        timer.start()
+        assert self.tell_failure is not None
+        self.tell_failure(verdict)
 
     def supervise(self) -> None:
         """Watch every child: a death while serving ends the worker (module docstring)."""
@@ -295,12 +346,16 @@ def unwind_on_sigterm() -> None:
 
 @contextlib.contextmanager
 def serving(env: Mapping[str, str] = os.environ, settings: Settings | None = None,
-            while_loading: Callable[[], None] = lambda: None) -> Iterator[Service]:
-    """A started, supervised Service with signals handled; every vLLM stopped at exit."""
+            while_loading: Callable[[], None] = lambda: None,
+            tell_failure: Callable[[Verdict], None] | None = None) -> Iterator[Service]:
+    """A started, supervised Service with signals handled; every vLLM stopped at exit (the
+    Service's own arguments: module docstring)."""
     unwind_on_sigterm()
-    service = Service(settings or load_settings(env), env, while_loading=while_loading)
+    service = Service(settings or load_settings(env), env, while_loading=while_loading,
+                      tell_failure=tell_failure)
     try:
-        service.start_or_exit()
+        if not service.start_or_exit():
+            sys.exit(1 if service.failure else 0)
         service.supervise()
         service.handle_signals()
         yield service

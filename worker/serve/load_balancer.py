@@ -4,7 +4,9 @@
 (`RUNPOD_WEBHOOK_GET_JOB` unset). It listens on `0.0.0.0:$PORT` from the start,
 while vLLM loads, with the limits of http_limits.py, and answers:
 - `GET /ping` (also on `PORT_HEALTH`): 204 while vLLM starts, 200 once every vLLM
-  is healthy, 503 once the worker stops (a vLLM died, or SIGTERM); never waits on vLLM.
+  is healthy, 503 once the worker stops (a vLLM died, or SIGTERM), and 503 with the reason
+  when start-up failed for good (every request is then a 503 with it, for
+  FAILED_START_SECONDS, until the worker exits); never waits on vLLM.
 - every route of the job allowlist (requests/contract.py), with and without `/v1` as clients spell
   them: relayed to the vLLM the request's `model` names, the body as it came, the answer
   as vLLM sends it (status, content type, bytes); a stream goes out event by event as
@@ -133,6 +135,10 @@ class LoadBalanced:
         if self.service.ready:
             await _respond(send, 200, b'{"status":"healthy"}')
             return 200
+        if self.service.failure is not None:
+            await _respond(send, 503, json.dumps(
+                {"status": "failed", "error": self.service.failure.sentence}).encode())
+            return 503
         if self.service.stopping:
             await _respond(send, 503, b'{"status":"stopping"}')
             return 503
@@ -140,6 +146,8 @@ class LoadBalanced:
         return 204
 
     def _not_ready(self) -> str:
+        if self.service.failure is not None:
+            return f"The worker could not start: {self.service.failure.sentence}"
         if self.service.stopping:
             return "The worker is stopping: it takes no new requests."
         return "vLLM is still starting on this worker; retry once /ping answers 200."

@@ -93,6 +93,7 @@ class Settings:
     max_batch_size: int | None
     batch_size_growth_factor: float | None
     shutdown_grace_period: float
+    failed_start_seconds: float
     local_api_key: str | None
     local_max_body_bytes: int
     port: int | None  # load-balancing mode's, with port_health for /ping
@@ -324,6 +325,7 @@ def load(env: Mapping[str, str]) -> Settings:
         max_batch_size=value(env, "DEFAULT_BATCH_SIZE"),
         batch_size_growth_factor=value(env, "DEFAULT_BATCH_SIZE_GROWTH_FACTOR"),
         shutdown_grace_period=value(env, "SHUTDOWN_GRACE_PERIOD"),
+        failed_start_seconds=value(env, "FAILED_START_SECONDS"),
         local_api_key=value(env, "LOCAL_API_KEY"),
         local_max_body_bytes=int(value(env, "LOCAL_MAX_BODY_MB") * (1 << 20)),
         port=port_lb, port_health=value(env, "PORT_HEALTH") or port_lb,

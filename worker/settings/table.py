@@ -190,6 +190,11 @@ SETTINGS: tuple[Setting, ...] = (
       "starting one.", worker_only=True),
     S("VLLM_STARTUP_TIMEOUT", "1800", SECONDS, "Seconds vLLM may take to become healthy "
       "(large models on a network volume need many minutes).", worker_only=True),
+    S("FAILED_START_SECONDS", "180", _number(float, "a number of seconds of at least 0",
+                                             lambda v: 0 <= v < math.inf),
+      "When start-up fails for a reason a restart cannot fix (a setting, the model, a gated "
+      "repository, too little memory for the context), seconds the worker answers every job "
+      "and request with that reason before it exits (`0`: exit at once).", worker_only=True),
     S("MAX_CONCURRENCY", "30", POSITIVE, "Jobs one worker runs at once (vLLM batches them)."),
     S("REQUEST_TIMEOUT", "600", SECONDS, "Seconds vLLM may stay silent: the whole answer of "
       "a non-streaming request, the gap between two events of a stream."),

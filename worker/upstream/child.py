@@ -2,9 +2,12 @@
 
 vLLM runs in a process group of its own (its engine core and workers are grandchildren
 that can outlive a killed API server and keep GPU memory), so a stop signals the whole
-group: SIGTERM, a bounded wait, then SIGKILL, and reaps. Its output goes to the worker's
-log line by line with a `[vllm]` prefix, and the last lines are kept to quote when it
-fails. What is read from /proc (the members of a group, their parents) is here too.
+group: SIGTERM, a bounded wait, then SIGKILL, and reaps. It is started under guard.py,
+which ends the group when the worker dies by any means (the worker holds the only writing
+end of a pipe the guard reads; a process forked from the worker closes it at once). Its
+output goes to the worker's log line by line with a `[vllm]` prefix, and the last lines
+are kept to quote (and to judge) when it fails. What is read from /proc (the members of a
+group, their parents) is here too.
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 log = logging.getLogger("worker.supervisor")
+GUARD = str(Path(__file__).with_name("guard.py"))
+ORPHAN_GRACE = 3.0  # s a vLLM whose worker died gets after SIGTERM: no answer to finish
 STOP_GRACE = 10.0  # seconds a stopping vLLM gets between SIGTERM and SIGKILL
 QUOTED_LINES = 25  # of vLLM's last lines, quoted when it fails
 vllm_log = logging.getLogger("vllm")
@@ -65,6 +72,21 @@ def reap_orphans(pgid: int, leader: int) -> None:
                     os.waitpid(pid, os.WNOHANG)
 
 
+_LIFELINES: set[int] = set()  # the writing ends of the guards' pipes
+
+
+def _drop_lifelines() -> None:
+    """In a process forked from the worker (the SDK's heartbeat): were it to keep a guard's
+    pipe open, that vLLM would outlive the worker."""
+    for fd in _LIFELINES:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LIFELINES.clear()
+
+
+os.register_at_fork(after_in_child=_drop_lifelines)
+
+
 def _parent(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
@@ -77,7 +99,7 @@ class VllmChild:
     """A vLLM server process (any command, in tests a stand-in) and its process group."""
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None,
-                 tail_size: int = 60, on_line: Callable[[str], None] | None = None) -> None:
+                 tail_size: int = 400, on_line: Callable[[str], None] | None = None) -> None:
         self.argv = list(argv)
         self.on_line = on_line  # sees each output line (the start-up timeline)
         self.env = dict(env) if env is not None else None
@@ -86,9 +108,11 @@ class VllmChild:
         self._stopping = threading.Event()
         self.listening = threading.Event()  # its log said it listens (LISTENING)
         self._pump: threading.Thread | None = None
+        self._lifeline: int | None = None
 
     @property
     def pid(self) -> int:
+        """The guard's pid, which leads vLLM's process group (and reports vLLM's exit)."""
         assert self._proc is not None, "start() first"
         return self._proc.pid
 
@@ -100,9 +124,15 @@ class VllmChild:
         # A process group of its own, to signal all of vLLM at once; not a session of its
         # own: Linux schedules each session as one group (autogroup), and vLLM alone in one
         # ran in bursts on a 2-core machine, its API server silent for seconds mid-stream.
-        self._proc = subprocess.Popen(
-            self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, process_group=0)
+        reader, self._lifeline = os.pipe()
+        _LIFELINES.add(self._lifeline)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, GUARD, str(reader), f"{ORPHAN_GRACE:g}", *self.argv],
+                env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, process_group=0, pass_fds=(reader,))
+        finally:
+            os.close(reader)
         self._pump = threading.Thread(target=self._copy_output, name="vllm-log", daemon=True)
         self._pump.start()
 
@@ -160,6 +190,11 @@ class VllmChild:
                           group_members(pgid))
         if self._pump is not None:
             self._pump.join(timeout=2)
+        if self._lifeline is not None:  # the guard has gone with its group
+            _LIFELINES.discard(self._lifeline)
+            with contextlib.suppress(OSError):
+                os.close(self._lifeline)
+            self._lifeline = None
 
     def _wait_group(self, pgid: int, seconds: float) -> bool:
         """Reap the leader and wait until no process of the group is left; False on timeout."""

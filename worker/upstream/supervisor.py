@@ -16,11 +16,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from worker.launch.command import count_gpus
 from worker.launch.plan import Launch
 from worker.masking import show
 from worker.upstream.child import STOP_GRACE, VllmChild
+from worker.upstream.ports import taken
 from worker.upstream.target import Target
 from worker.upstream.timeline import Timeline
+from worker.upstream.verdicts import Facts, Verdict, judge
 
 log = logging.getLogger("worker.supervisor")
 # What is left of a vLLM that died (its engine core, workers) has no answer to finish and
@@ -30,7 +33,29 @@ DEATH_STOP_GRACE = 1.0
 
 
 class StartupError(RuntimeError):
-    """vLLM did not become healthy; the message says why and quotes its last lines."""
+    """vLLM did not become healthy; the message says why and quotes its last lines, and
+    `verdict`, when the failure is a known one, says it in one sentence (verdicts.py)."""
+
+    def __init__(self, message: str, verdict: Verdict | None = None) -> None:
+        super().__init__(message)
+        self.verdict = verdict
+
+
+def facts_of(launch: Launch) -> Facts:
+    """What a verdict on this launch may name: the settings it was made of."""
+    argv = launch.argv
+
+    def flag(name: str) -> str | None:
+        return argv[argv.index(name) + 1] if name in argv[:-1] else None
+
+    parallel = flag("--tensor-parallel-size")
+    return Facts(model=launch.model.path or launch.model.name,
+                 max_model_len=launch.model.max_model_len,
+                 gpu_memory_utilization=launch.model.gpu_memory_utilization,
+                 tensor_parallel_size=int(parallel) if parallel else None,
+                 gpus=count_gpus(launch.env), port=launch.model.port,
+                 token_given=bool(launch.env.get("HF_TOKEN")), revision=flag("--revision"),
+                 weights_bytes=launch.weights_bytes)
 
 
 def wait_healthy(base_url: str, timeout: float, child: VllmChild | None = None,
@@ -140,10 +165,13 @@ def start_upstreams(launches: Sequence[Launch], timeout: float, fleet: Fleet,
     """Every planned vLLM started at once into `fleet`, and healthy; StartupError otherwise,
     with every child stopped (also when interrupted, e.g. by SIGTERM while loading).
     `while_loading` runs once all are spawned, before waiting for them."""
+    facts: dict[str, Facts] = {}
     try:
         for launch in launches:
             for reason in launch.reasons:
                 log.info("%s", reason)
+            if (why := taken(launch.model.port)) is not None:
+                raise StartupError(why, Verdict("port-in-use", why, permanent=False))
             log.info("Starting vLLM for %s: %s", launch.model.served_name,
                      show(launch.argv, secrets))
             timeline = Timeline(launch.model.served_name, launch.weights_bytes,
@@ -153,9 +181,15 @@ def start_upstreams(launches: Sequence[Launch], timeout: float, fleet: Fleet,
                                       adapters=adapters),
                                VllmChild(launch.argv, launch.env, on_line=timeline.feed),
                                timeline))
+            facts[launch.model.served_name] = facts_of(launch)
         while_loading()
         for upstream in fleet.upstreams:  # they load in parallel: waiting in turn costs nothing
-            took = wait_healthy(upstream.target.base_url, timeout, upstream.child)
+            try:
+                took = wait_healthy(upstream.target.base_url, timeout, upstream.child)
+            except StartupError as exc:
+                assert upstream.child is not None
+                verdict = judge(upstream.child.tail(), facts[upstream.target.name])
+                raise StartupError(str(exc), verdict) from None
             assert upstream.timeline is not None  # every upstream started here has one
             upstream.timeline.mark_healthy()
             logged = upstream.timeline.routes()
