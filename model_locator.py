@@ -11,7 +11,8 @@ for `test_vllm_command.py`):
    folder: the snapshot `refs/main` names, else the newest complete one; with a
    revision (`MODEL_REVISION`/`REVISION`), only the snapshot of that branch, tag or
    commit (a commit may be given by its first 7 or more characters).
-4. The hub name itself: vLLM downloads it into `HF_HOME`.
+4. The hub name itself: the worker downloads it into the hub cache of `HF_HOME` before
+   vLLM starts (worker/launch/weights.py).
 
 A folder is served only when complete: `config.json` plus weights, and every
 shard its safetensors index lists. GGUF is refused with a sentence saying so.
@@ -202,7 +203,7 @@ def locate(model_name: str, model_path: str | None, hf_home: str,
     if found is not None:
         return Location(str(found), True, tuple(steps))
     at = f" at revision {revision}" if revision else ""
-    steps.append(f"not found on disk: vLLM will download {model_name}{at} into {hf_home}")
+    steps.append(f"not found on disk: {model_name}{at} is downloaded into {hf_home} first")
     return Location(model_name, False, tuple(steps))
 
 

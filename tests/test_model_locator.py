@@ -137,7 +137,7 @@ def test_other_hub_caches_are_searched_in_order(tmp_path: Path) -> None:
 def test_nothing_on_disk_falls_back_to_the_hub_name(tmp_path: Path) -> None:
     model, local, steps = find(tmp_path)
     assert (model, local) == (NAME, False)
-    assert steps[-1].startswith(f"not found on disk: vLLM will download {NAME}")
+    assert steps[-1].startswith(f"not found on disk: {NAME} is downloaded into")
     assert all(step.startswith("not ") for step in steps)
 
 

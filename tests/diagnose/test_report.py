@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from pytest_httpserver import HTTPServer
 
+from fakes.hub import Hub
 from fakes.vllm import free_port
 from support import STAND_IN_VERSION, stand_in_python
 from worker.diagnose import preflight
@@ -110,10 +111,11 @@ def test_every_place_searched_is_reported_with_why_it_was_skipped(tmp_path: Path
     assert f"skipped {hf / 'gpt-oss-120b'}: it has no config.json" in searched
     assert f"skipped {hf / 'model-gpt-oss-120b'}: it has no weight files" in searched
     assert f"skipped snapshot {snapshot}: it is incomplete: model-00002-of-00002" in searched
-    assert "not found on disk: vLLM will download openai/gpt-oss-120b" in searched
+    assert "not found on disk: openai/gpt-oss-120b is downloaded into" in searched
     assert model["is_local"] is False and model["chosen"] == "openai/gpt-oss-120b"
-    assert (code, report["failed_step"]) == (diagnostic.EXIT_CHECK, "checks")
-    assert "HF_HUB_OFFLINE is set and openai/gpt-oss-120b is not on disk" in str(report["error"])
+    assert (code, report["failed_step"]) == (diagnostic.EXIT_MODEL, "model")
+    assert "HF_HUB_OFFLINE is set, so it cannot be downloaded" in str(report["error"])
+    assert report["verdict"]["permanent"] is True  # type: ignore[index]
 
 
 def test_gguf_weights_fail_at_the_model_step(tmp_path: Path) -> None:
@@ -372,3 +374,30 @@ def test_a_bad_flag_value_fails_at_the_settings_step_naming_the_variable(
     code, report, _ = run_json(base_env(tmp_path, KV_CACHE_DTYPE="fp9"))
     assert (code, report["failed_step"]) == (2, "settings")
     assert report["error"].startswith("KV_CACHE_DTYPE='fp9' is not valid for --kv-cache-dtype")
+
+
+def test_a_model_to_download_is_described_before_anything_starts(tmp_path: Path) -> None:
+    """What the worker would fetch and how big it is, read from the Hub; nothing fetched
+    but the weights' index (the plan needs it), and a gated model's verdict at once."""
+    root = tmp_path / "hub-root" / "hub-org" / "big"
+    root.mkdir(parents=True)
+    config = json.dumps({"model_type": "llama"})
+    (root / "config.json").write_text(config)
+    (root / "model.safetensors").write_bytes(b"\0" * 4096)
+    (root / "pytorch_model.bin").write_bytes(b"\0" * 8192)
+    with Hub(tmp_path / "hub-root") as hub:
+        code, report, _ = run_json(base_env(tmp_path, MODEL_NAME="hub-org/big",
+                                            HF_ENDPOINT=hub.url))
+        served = hub.stats()["served"]
+        (tmp_path / "hub-root" / "hub-org" / "big.hub.json").write_text('{"gated": true}')
+        gated_code, gated, _ = run_json(base_env(tmp_path, MODEL_NAME="hub-org/big",
+                                                 HF_ENDPOINT=hub.url))
+    assert code == diagnostic.EXIT_OK, report["error"]
+    download = report["downloads"][0]  # type: ignore[index]
+    assert download["model"] == "hub-org/big"
+    assert download["to_download_bytes"] == 4096 + len(config)
+    assert {f["name"] for f in download["files"]} == {"config.json", "model.safetensors"}
+    assert not any(key.endswith((".safetensors", ".bin")) for key in served), "no weights"
+    assert (gated_code, gated["failed_step"]) == (diagnostic.EXIT_MODEL, "model")
+    assert "HF_TOKEN" in str(gated["error"])
+    assert gated["verdict"]["permanent"] is True  # type: ignore[index]

@@ -291,7 +291,8 @@ def imported_files(start: str) -> set[str]:
 def test_the_build_context_holds_the_worker_and_keeps_out_tests_caches_and_venvs() -> None:
     context = build_context()
     needed = imported_files("handler") | imported_files("test_vllm_command") | {
-        "requirements.txt", "worker/settings/vllm_flags.json"}
+        "requirements.txt", "worker/settings/vllm_flags.json",
+        "worker/upstream/guard.py"}  # run by its path (child.py's GUARD), not imported
     assert {"handler.py", "test_vllm_command.py", "worker/settings/loader.py"} <= needed
     assert needed <= context, f"missing from the build context: {needed - context}"
     shipped = {p for p in context if p.endswith(".py") and ("/" not in p or

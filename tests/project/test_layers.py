@@ -20,7 +20,8 @@ BASE = {"worker.masking", "model_locator"}
 MAX_LINES, MAX_ENTRY_LINES = 400, 150
 # Modules whose tests are not in the mirrored place, and where they are.
 TEST_FILE = {"local_endpoint": "tests/serve/test_local_api.py",
-             "test_vllm_command": "tests/diagnose/test_report.py"}
+             "test_vllm_command": "tests/diagnose/test_report.py",
+             "worker.launch.download_transfer": "tests/launch/test_download.py"}
 
 
 def modules() -> dict[str, Path]:

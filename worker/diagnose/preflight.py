@@ -129,10 +129,10 @@ def check_disk(hf_home: str, needs_download: bool) -> Check:
     missing = "" if place == Path(hf_home) else " (HF_HOME does not exist: no network volume?)"
     free = f"{size(shutil.disk_usage(place).free)} free in {place}{missing}"
     if needs_download and not os.access(place, os.W_OK):
-        return Check("disk", "fail", f"{free}, not writable: vLLM cannot download the weights")
+        return Check("disk", "fail", f"{free}, not writable: the weights cannot be downloaded")
     if needs_download:
-        return Check("disk", "warn" if missing else "ok", f"{free}; vLLM downloads the weights "
-                                                          "there")
+        return Check("disk", "warn" if missing else "ok",
+                     f"{free}; the worker downloads the weights there")
     return Check("disk", "ok", free)
 
 
@@ -152,7 +152,6 @@ def run_checks(settings: Settings, env: Mapping[str, str], launches: Sequence[La
     several = len(launches) > 1
     checks = [check_vllm(settings, child_env(env, settings)), check_gpus(gpus, settings),
               check_disk(settings.hf_home, not all(x.location.is_local for x in launches))]
-    offline = (env.get("HF_HUB_OFFLINE") or "").strip().lower() in {"1", "true", "yes", "on"}
     for launch in launches:
         local, where = launch.location.is_local, launch.location.model
         found = check_memory(weights_size(where) if local else None, memory,
@@ -162,9 +161,6 @@ def run_checks(settings: Settings, env: Mapping[str, str], launches: Sequence[La
         for check in (found, port):
             name = f"{check.name} ({launch.model.served_name})" if several else check.name
             checks.append(Check(name, check.status, check.detail))
-        if offline and not local:
-            checks.append(Check("offline", "fail", f"HF_HUB_OFFLINE is set and {where} is not "
-                                                   "on disk: vLLM cannot download it"))
     if settings.vllm_api_key:
         checks.append(Check("api-key", "warn", "VLLM_EXTRA_ARGS sets --api-key: the worker "
                             "sends it on its own requests to vLLM; the Runpod API key already "

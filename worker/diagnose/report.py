@@ -38,12 +38,13 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import httpx
 
 from model_locator import LocatorError
 from worker.diagnose.preflight import Check, run_checks
+from worker.launch import weights
 from worker.launch.command import count_gpus
 from worker.launch.plan import Launch, plan_launches
 from worker.masking import MASK, is_secret_name, mask, mask_argv, secret_values, show
@@ -53,6 +54,9 @@ from worker.upstream.child import QUOTED_LINES, VllmChild
 from worker.upstream.supervisor import StartupError, facts_of, wait_healthy
 from worker.upstream.timeline import Timeline
 from worker.upstream.verdicts import judge
+
+if TYPE_CHECKING:
+    from worker.launch.download import DownloadPlan
 
 EXIT_OK, EXIT_SETTINGS, EXIT_MODEL, EXIT_CHECK = 0, 2, 3, 4
 EXIT_VLLM_EXITED, EXIT_TIMEOUT, EXIT_NOT_SERVING = 5, 6, 7
@@ -129,7 +133,7 @@ class Report:
         self.data: dict[str, Any] = {
             "ok": True, "exit_code": EXIT_OK, "failed_step": None, "error": None,
             "settings": [], "flags": [], "notes": [], "warnings": [], "models": [],
-            "checks": [], "launch": None, "verdict": None}
+            "checks": [], "downloads": [], "launch": None, "verdict": None}
 
     def say(self, text: str) -> None:
         if not self.as_json:
@@ -152,6 +156,18 @@ class Report:
     def check(self, check: Check) -> None:
         self.data["checks"].append(asdict(check))
         self.say(f"  {check.status:<5} {check.name}: {check.detail}")
+
+    def download(self, planned: DownloadPlan) -> None:
+        """What the worker would download before vLLM starts, and how big it is."""
+        self.data["downloads"].append({
+            "model": planned.repo_id, "revision": planned.revision, "commit": planned.commit,
+            "cache": planned.cache_dir, "weights": planned.weights,
+            "total_bytes": planned.total_bytes, "in_cache_bytes": planned.present_bytes,
+            "to_download_bytes": planned.missing_bytes,
+            "files": [{"name": f.name, "bytes": f.size, "in_cache": f.present}
+                      for f in planned.files]})
+        lines = planned.describe()
+        self.say(f"  would download {lines[0]}\n" + "\n".join(f"  {x}" for x in lines[1:]))
 
     def model(self, launch: Launch) -> None:
         found = launch.location
@@ -290,6 +306,12 @@ def diagnose(args: argparse.Namespace, env: Mapping[str, str], report: Report) -
         report.model(launch_plan)
     if args.locate_only:
         return report.finish(EXIT_OK)
+    for name in weights.missing(launches):  # what the worker would fetch before vLLM starts
+        try:
+            planned = weights.plan(settings, env, name)
+        except LocatorError as exc:  # a DownloadError: gated, missing, offline, ...
+            return report.finish(EXIT_MODEL, "model", str(exc))
+        report.download(planned)
     report.say("\n3. Checks")
     checks = run_checks(settings, env, launches, count_gpus(env))
     for check in checks:
@@ -300,6 +322,12 @@ def diagnose(args: argparse.Namespace, env: Mapping[str, str], report: Report) -
         report.say("\nNothing was started: --launch starts vLLM as shown above.")
         return report.finish(EXIT_OK)
     report.say("\n4. Launch")
+    if names := weights.missing(launches):  # as the worker does: fetched first, then planned
+        try:
+            weights.fetch(settings, env, names)
+        except LocatorError as exc:
+            return report.finish(EXIT_MODEL, "model", str(exc))
+        launches = plan_launches(settings, env)
     return launch(launches, args.timeout or settings.startup_timeout, settings.vllm_api_key,
                   report)
 

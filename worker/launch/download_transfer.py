@@ -36,13 +36,16 @@ from huggingface_hub import constants, hf_hub_download, hf_hub_url
 from huggingface_hub.file_download import http_get, repo_folder_name
 from huggingface_hub.utils import build_hf_headers
 
+from model_locator import LocatorError
+
 RATE_WINDOW = 30.0  # seconds of samples the rate is measured over
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 LOG = logging.getLogger("worker.launch.download")
 
 
-class DownloadError(RuntimeError):
-    """Why the model cannot be downloaded, in one sentence; `permanent`: a restart cannot fix it."""
+class DownloadError(LocatorError):
+    """Why the model cannot be downloaded, in one sentence; `permanent`: a restart cannot fix
+    it. A LocatorError: the worker found no weights it can serve, either way."""
 
     def __init__(self, message: str, permanent: bool) -> None:
         super().__init__(message)

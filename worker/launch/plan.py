@@ -38,10 +38,11 @@ class Launch:
     argv: list[str]
     env: dict[str, str]
     cache: str = ""  # where vLLM's compile cache is, and why
-    weights_bytes: int | None = None  # None: not on disk (vLLM downloads them)
+    weights_bytes: int | None = None  # None: not on disk (weights.py downloads them)
     located_in: float = 0.0  # seconds the search for the weights took
     adapters: tuple[lora.Adapter, ...] = ()  # the static LoRA adapters it serves
     lora_rank: int = lora.DEFAULT_RANK  # the largest adapter rank its vLLM makes room for
+    downloaded: str = ""  # the worker's download of its weights, when there was one
 
     @property
     def base_url(self) -> str:

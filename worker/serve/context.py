@@ -39,8 +39,9 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from model_locator import LocatorError
+from worker.launch import weights
 from worker.launch.adapters import model_sizes
-from worker.launch.plan import plan_launches
+from worker.launch.plan import Launch, plan_launches
 from worker.masking import mask, secret_values, setup_logging
 from worker.settings.loader import Settings, SettingsError, load
 from worker.upstream.child import STOP_GRACE
@@ -79,8 +80,8 @@ def verdict_of(exc: Exception) -> Verdict:
         return exc.verdict
     if isinstance(exc, SettingsError):
         return Verdict("setting", str(exc), permanent=True)
-    if isinstance(exc, LocatorError):
-        return Verdict("model", str(exc), permanent=True)
+    if isinstance(exc, LocatorError):  # a DownloadError says whether a restart could help
+        return Verdict("model", str(exc), permanent=getattr(exc, "permanent", True))
     return Verdict("unknown", str(exc).split("\n")[0], permanent=False)
 
 
@@ -171,7 +172,7 @@ class Service:
             self.fleet.add(connect(settings.served_model_name, settings.upstream_url,
                                    settings.startup_timeout))
         else:
-            launches = plan_launches(settings, self.env)
+            launches = self._with_weights(plan_launches(settings, self.env))
             start_upstreams(launches, settings.startup_timeout, self.fleet, settings.secrets,
                             self._loading)
         self.proxy = make_proxy(settings, self.upstreams)
@@ -191,6 +192,15 @@ class Service:
                                             else time.monotonic() - healthy))
         log.info("Serving %s", ", ".join(u.target.name for u in self.upstreams))
         return self.proxy
+
+    def _with_weights(self, launches: list[Launch]) -> list[Launch]:
+        """The launches again once the weights no folder held are downloaded (weights.py);
+        DownloadError (a LocatorError) when they cannot be."""
+        if not (names := weights.missing(launches)):
+            return launches
+        fetched = weights.fetch(self.settings, self.env, names)
+        return [replace(x, downloaded=fetched[x.model.name].summary())
+                if x.model.name in fetched else x for x in plan_launches(self.settings, self.env)]
 
     def _loading(self) -> None:
         self.spawned.set()

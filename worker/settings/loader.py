@@ -70,7 +70,7 @@ class Settings:
     models: tuple[ModelSettings, ...]
     hf_home: str
     hub_caches: tuple[str, ...]
-    download_cache: str | None  # where vLLM downloads (HF_HUB_CACHE), when not HF_HOME/hub
+    download_cache: str | None  # where models are downloaded to, when not HF_HOME/hub
     dtype: str | None
     vllm_port: int
     use_vllm_serve: bool

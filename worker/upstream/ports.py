@@ -4,7 +4,9 @@ A worker must never take another process's vLLM for its own: one left running by
 that was killed would answer the health check of the new one at once, serve its jobs, and
 the new vLLM would then die unable to bind. So the port is checked before the spawn, the
 way vLLM's uvicorn binds it (SO_REUSEADDR on 127.0.0.1), and the holder named from /proc
-(the socket's inode in /proc/net/tcp, then the process whose descriptors hold it).
+(the socket's inode in /proc/net/tcp, then the process whose descriptors hold it; a vLLM
+still loading has bound its port without listening, which /proc/net/tcp does not show: then
+the process started with `--port <port>`).
 """
 
 from __future__ import annotations
@@ -40,22 +42,26 @@ def _inodes(port: int) -> set[str]:
 
 
 def holders(port: int) -> list[tuple[int, str]]:
-    """(pid, command line) of each process holding a socket on `port` (only those this
-    process may look into)."""
+    """(pid, command line) of each process holding a socket on `port`, else of each started
+    with `--port <port>` (only processes this one may look into)."""
     inodes = {f"socket:[{inode}]" for inode in _inodes(port)}
-    found = []
-    for entry in os.listdir("/proc") if inodes else []:
+    sockets, by_argv = [], []
+    for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            held = any(os.readlink(f"/proc/{entry}/fd/{fd}") in inodes
-                       for fd in os.listdir(f"/proc/{entry}/fd"))
-            if held:
-                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-                found.append((int(entry), b" ".join(argv).decode(errors="replace").strip()))
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            held = inodes and any(os.readlink(f"/proc/{entry}/fd/{fd}") in inodes
+                                  for fd in os.listdir(f"/proc/{entry}/fd"))
         except OSError:
             continue
-    return found
+        found = (int(entry), b" ".join(argv).decode(errors="replace").strip())
+        if held:
+            sockets.append(found)
+        elif any(flag == b"--port" and value == str(port).encode()
+                 for flag, value in zip(argv, argv[1:], strict=False)):
+            by_argv.append(found)
+    return sockets or by_argv
 
 
 def taken(port: int, variable: str = "VLLM_PORT") -> str | None:

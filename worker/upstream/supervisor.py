@@ -175,7 +175,7 @@ def start_upstreams(launches: Sequence[Launch], timeout: float, fleet: Fleet,
             log.info("Starting vLLM for %s: %s", launch.model.served_name,
                      show(launch.argv, secrets))
             timeline = Timeline(launch.model.served_name, launch.weights_bytes,
-                                launch.located_in)
+                                launch.located_in, launch.downloaded)
             adapters = frozenset(adapter.name for adapter in launch.adapters)
             fleet.add(Upstream(Target(launch.model.served_name, launch.base_url,
                                       adapters=adapters),

@@ -53,10 +53,11 @@ class Timeline:
     """One vLLM's start-up, phase by phase; `feed` each of its lines as it arrives."""
 
     def __init__(self, name: str, weights_bytes: int | None = None,
-                 located_in: float | None = None) -> None:
+                 located_in: float | None = None, downloaded: str = "") -> None:
         self.name = name
         self.weights_bytes = weights_bytes
         self.located_in = located_in
+        self.downloaded = downloaded  # the download before it, when there was one
         self.spawned = time.monotonic()
         self.seen: dict[str, float] = {}  # phase -> when its line came, since spawned
         self.figures: dict[str, float] = {}
@@ -140,7 +141,8 @@ class Timeline:
             f"{self.located_in:.1f} s")
         cache = f" (cache {p['compile_cache']})" if p["compile_cache"] else ""
         tail = "" if overhead is None else f"; the worker's own after it: {overhead:.2f} s"
-        return (f"Start-up of {self.name}: located in {located}, weights loaded in "
+        fetched = f"{self.downloaded}, " if self.downloaded else ""
+        return (f"Start-up of {self.name}: {fetched}located in {located}, weights loaded in "
                 f"{s(p['weights_s'])}{size}, compile {s(p['compile_s'])}{cache}, graph "
                 f"capture {s(p['graph_capture_s'])}, KV cache {s(p['kv_cache_tokens'], ' tokens')}"
                 f", engine init {s(p['engine_init_s'])}, healthy after {s(p['healthy_s'])}"
