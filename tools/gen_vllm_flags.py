@@ -55,6 +55,19 @@ def describe(action: argparse.Action) -> dict[str, Any] | None:
             "choices": choices}
 
 
+def checked_once_started() -> dict[str, list[str]]:
+    """Flags vLLM's parser takes as any text and its config refuses only once vLLM has
+    started (seconds to minutes later): their values from vLLM's own lists, so that the
+    worker refuses a wrong one before the spawn."""
+    from typing import get_args
+
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+    from vllm.model_executor.model_loader import LoadFormats
+
+    return {"--quantization": sorted(QUANTIZATION_METHODS),
+            "--load-format": sorted(get_args(LoadFormats))}
+
+
 def main() -> None:
     import vllm
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -62,6 +75,10 @@ def main() -> None:
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
     flags = sorted((d for a in parser._actions if (d := describe(a))), key=lambda d: d["flag"])
+    later = checked_once_started()
+    for flag in flags:
+        if flag["choices"] is None and flag["flag"] in later:
+            flag["choices"] = later[flag["flag"]]
     out = sys.argv[1] if len(sys.argv) > 1 else "worker/settings/vllm_flags.json"
     rows = ",\n".join(json.dumps(flag) for flag in flags)  # one flag a line: readable diffs
     with open(out, "w", encoding="utf-8") as stream:

@@ -128,3 +128,20 @@ def test_a_lora_dir_turns_lora_on_for_loading_on_demand(tmp_path: Path) -> None:
         load({"LORA_DIR": "/nowhere"})
     with pytest.raises(SettingsError, match="ENABLE_LORA=false, but LORA_MODULES"):
         load({"ENABLE_LORA": "false", "LORA_MODULES": "a=/x"})
+
+
+def test_with_a_lora_dir_only_a_model_that_generates_text_gets_lora(tmp_path: Path) -> None:
+    """vLLM's embedding and scoring models take no adapters: --enable-lora is theirs only."""
+    (tmp_path / "adapters").mkdir()
+    chat = model(tmp_path / "chat")
+    embedder = tmp_path / "embedder"
+    embedder.mkdir()
+    (embedder / "config.json").write_text(json.dumps({"architectures": ["BertModel"],
+                                                      "model_type": "bert"}))
+    (embedder / "model.safetensors").write_bytes(b"\0" * 8)
+    planned = plan_launches(load({"HF_HOME": str(tmp_path / "hf"), "LORA_DIR": str(
+        tmp_path / "adapters"), "MODEL_NAMES": f"{chat};{embedder}"}), {})
+    assert lora_args(planned[0].argv) == ["--enable-lora"]
+    assert "--enable-lora" not in planned[1].argv
+    assert any(r.endswith("/embedder generates no text: no LoRA adapters for it")
+               for r in planned[1].reasons)

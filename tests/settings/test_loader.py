@@ -161,3 +161,17 @@ def test_the_readme_settings_table_is_the_one_the_table_makes() -> None:
     """Run `python tools/readme_settings.py` after changing settings_table.py."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert markdown_table() in readme
+
+
+@pytest.mark.parametrize(("variable", "value", "flag"), [
+    ("QUANTIZATION", "bogus-quant", "--quantization"), ("LOAD_FORMAT", "bogus", "--load-format"),
+    ("KV_CACHE_DTYPE", "fp9", "--kv-cache-dtype")])
+def test_values_vllm_checks_only_once_started_are_refused_before_the_spawn(
+        variable: str, value: str, flag: str) -> None:
+    """vLLM's parser takes any text for these; its config refuses a wrong one seconds to
+    minutes later: the pinned vLLM's own lists refuse it at once, naming what is valid."""
+    with pytest.raises(SettingsError, match=f"{variable}='{value}' is not valid for {flag}: "
+                                            "it must be one of "):
+        load({variable: value})
+    assert load({"QUANTIZATION": "awq", "LOAD_FORMAT": "safetensors"}).flag_value(
+        "--quantization") == "awq"

@@ -65,11 +65,15 @@ def count_gpus(env: Mapping[str, str]) -> int:
         return 0
 
 
-def lora_flags(settings: Settings, adapters: LoraPlan, served_name: str
-               ) -> tuple[list[str], list[str]]:
+def lora_flags(settings: Settings, adapters: LoraPlan, served_name: str,
+               generative: bool = True) -> tuple[list[str], list[str]]:
     """The LoRA flags of one model's vLLM, and why: its static adapters, and room for the
-    on-demand ones of LORA_DIR."""
+    on-demand ones of LORA_DIR, which only a model that generates text is given (vLLM's
+    embedding and scoring models take no adapters)."""
     mine = adapters.for_model(served_name)
+    if not mine and not generative:
+        why = f"{served_name} generates no text: no LoRA adapters for it"
+        return [], [why] if settings.lora_dir or settings.enable_lora else []
     if not (mine or settings.lora_dir or settings.enable_lora):
         return [], []
     argv = ["--enable-lora"]

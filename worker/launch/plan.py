@@ -96,7 +96,7 @@ def _launch(settings: Settings, model: ModelSettings, location: Location, locate
         model = replace(model, max_model_len=limit)
         choice = replace(choice, reasons=(*choice.reasons, f"context length {limit}: the "
                                           f"longest {model.label} allows (MAX_MODEL_LEN unset)"))
-    extra, lora_reasons = lora_flags(settings, adapters, model.served_name)
+    extra, lora_reasons = lora_flags(settings, adapters, model.served_name, info.generative)
     choice = replace(choice, reasons=(*choice.reasons, *lora_reasons))
     argv = build_command(settings, model, weights, count_gpus(env), choice, extra)
     child = child_env(env, settings)

@@ -65,6 +65,9 @@ class AdapterLoader:
         except (AdapterError, SettingsError) as exc:
             raise ProxyError(400, f"{exc}.", "model") from None
         target = next(t for t in self.proxy.targets if t.name == base)
+        if target.pooling:  # its vLLM was started without LoRA (command.lora_flags)
+            raise ProxyError(400, f"LoRA adapter {name}: its base {base} generates no text, and "
+                                  "adapters are served on models that do.", "model")
         response = await self.proxy.client.post(
             f"{target.base_url}/v1/load_lora_adapter",
             json={"lora_name": name, "lora_path": str(folder)})
