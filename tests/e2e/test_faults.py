@@ -21,21 +21,9 @@ import pytest
 
 from fakes.platform import Platform
 from fakes.vllm import free_port
-from support.real_vllm import NO_COMPILE, REPO, real_vllm_python, vllm_processes
+from support.real_vllm import HELLO, real_vllm_env, vllm_processes
 from support.workers import kill_worker, sse_data, start_worker, wait_until
 from worker.upstream.child import group_members
-
-HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-def real_vllm_env(port: int, **overrides: str) -> dict[str, str]:
-    """What `make run` gives vLLM on a CPU, for the tiny model, without the compile."""
-    return {"VLLM_PYTHON": real_vllm_python(), "VLLM_PORT": str(port),
-            "MODEL_PATH": os.environ.get("TINY_MODEL_PATH", str(REPO / ".models" / "tiny-chat")),
-            "HF_HUB_OFFLINE": "1", "GPU_MEMORY_UTILIZATION": "0.3",
-            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1",
-            "VLLM_EXTRA_ARGS": "--no-enable-chunked-prefill", "VLLM_STARTUP_TIMEOUT": "600",
-            **NO_COMPILE, **overrides}
 
 
 def vllm_server(port: int) -> tuple[int, int]:

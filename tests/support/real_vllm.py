@@ -27,6 +27,7 @@ NO_COMPILE = {"ENFORCE_EAGER": "true"}
 
 
 LOCAL_KEY = "local-test-key-0123"
+HELLO = [{"role": "user", "content": "Hello there"}]
 
 
 @dataclass
@@ -146,3 +147,13 @@ def ping_200(served: RealEndpoint) -> bool:
         status = None
     served.pings.append(status)
     return status == 200
+
+
+def real_vllm_env(port: int, **overrides: str) -> dict[str, str]:
+    """What `make run` gives vLLM on a CPU, for the tiny model, without the compile."""
+    return {"VLLM_PYTHON": real_vllm_python(), "VLLM_PORT": str(port),
+            "MODEL_PATH": os.environ.get("TINY_MODEL_PATH", str(REPO / ".models" / "tiny-chat")),
+            "HF_HUB_OFFLINE": "1", "GPU_MEMORY_UTILIZATION": "0.3",
+            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1",
+            "VLLM_EXTRA_ARGS": "--no-enable-chunked-prefill", "VLLM_STARTUP_TIMEOUT": "600",
+            **NO_COMPILE, **overrides}
