@@ -20,6 +20,7 @@ from support.readme_checks import (
 )
 from support.real_vllm import REPO, RealEndpoint
 from tiny_adapter import build
+from worker.serve import http_limits
 
 
 def test_every_readme_example_is_checked() -> None:
@@ -47,6 +48,13 @@ def test_the_reliability_table_names_real_tests_and_their_figures() -> None:
     assert f"{len(figures.ENDPOINT_PATHS)} raw paths" in section
     assert f"{figures.DEFAULT_EXAMPLES} examples per property" in section
     assert "FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest tests/robustness/test_fuzz.py" in section
+    sizes = [f"{n / 1000:g} kB" if n < 1_000_000 else f"{n / 1e6:g} MB"
+             for n in figures.ONE_WRITE_BODIES]
+    assert f"bodies of {', '.join(sizes[:-1])} and {sizes[-1]} sent with their head" in section
+    limits = (http_limits.HEAD_TIMEOUT, http_limits.BODY_TIMEOUT, http_limits.BODY_DEADLINE,
+              http_limits.WRITE_TIMEOUT)
+    assert "408 after {:g} s (head), {:g} s of silence or {:g} s in all (body), the connection " \
+           "ended after {:g} s unread".format(*limits) in section
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS_EXAMPLES))

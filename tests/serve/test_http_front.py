@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from fakes.vllm import free_port
-from support import SERVED, StandIn
+from support import SERVED, StandIn, figures
 from support.workers import PROJECT, wait_until
 
 KEY = "front-test-key-5678"
@@ -127,7 +127,7 @@ def stand_in_now(stand_in: StandIn, front: Front) -> StandIn:
     return stand_in
 
 
-@pytest.mark.parametrize("size", [70_000, 100_000, 1_000_000])
+@pytest.mark.parametrize("size", figures.ONE_WRITE_BODIES)
 def test_a_long_request_sent_in_one_write_is_served_not_taken_for_a_long_head(
         front: Front, stand_in_now: StandIn, size: int) -> None:
     body = chat_body(size)

@@ -38,3 +38,6 @@ ENDPOINT_PATHS = [
     "%252e%252e/sleep", "/collective_rpc", "//evil.example/v1/models",
     "http://evil.example/sleep", "chat/completions%3Fx=1/../../sleep",
 ]
+
+# serve/test_http_front.py: request bodies sent with their head in one write, to both servers.
+ONE_WRITE_BODIES = (70_000, 100_000, 1_000_000, 10_000_000)
