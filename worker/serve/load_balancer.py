@@ -82,6 +82,9 @@ class LoadBalanced:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
+        if scope["path"] == "/ping":  # the balancer's, every few seconds: not logged
+            await self._ping(send)
+            return
         started = time.perf_counter()
         status = await self._answer(scope, receive, send)
         if status is not None:
@@ -90,8 +93,6 @@ class LoadBalanced:
 
     async def _answer(self, scope: Scope, receive: Any, send: Any) -> int | None:
         """Answer the request; its status (None when the client left first)."""
-        if scope["path"] == "/ping":
-            return await self._ping(send)
         if scope["server"] and scope["server"][1] != self.settings.port:
             return await self._refuse(send, ProxyError(404, "This port answers GET /ping only."))
         if (refused := refusal(scope["headers"], self.settings.api_key)) is not None:

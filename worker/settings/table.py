@@ -138,12 +138,13 @@ SETTINGS: tuple[Setting, ...] = (
       "(default: `MODEL_NAME`, or the `MODEL_PATH` folder's name).", per_model=True),
     S("HF_HOME", "/runpod-volume/huggingface", _text, "Hugging Face home on the network "
       "volume: custom folders, `hub/` cache, downloads."),
-    S("HF_HUB_CACHE", None, _text, "Another hub cache to search (and vLLM's download cache)."),
+    S("HF_HUB_CACHE", None, _text, "Another hub cache to search, and where a missing model is "
+      "downloaded to."),
     S("HUGGINGFACE_HUB_CACHE", None, _text, "The same, by its older name."),
     S("BASE_PATH", None, _text, "worker-vllm's storage folder: its `huggingface-cache/hub` "
       "is searched first and, unless `HF_HUB_CACHE` is set, downloads go there."),
-    S("HF_TOKEN", None, _text, "For gated models; passed to vLLM in its environment, never "
-      "logged.", secret=True),
+    S("HF_TOKEN", None, _text, "For gated or private models: the worker's download uses it, "
+      "and vLLM gets it in its environment; never logged.", secret=True),
     S("GPU_MEMORY_UTILIZATION", "0.95", FRACTION, "Fraction of GPU memory vLLM may use, in "
       "(0, 1]; with several models, split evenly, or one value per model.", per_model=True),
     S("MAX_MODEL_LEN", "8192", CONTEXT, "Context length (the model's own maximum when that is "
