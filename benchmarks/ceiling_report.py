@@ -26,12 +26,14 @@ COLUMNS = [("path", "path"), ("streams", "streams"), ("events_per_s", "events/s"
            ("delivery_gap_p99_ms", "gap between pieces p99 ms"),
            ("delivery_gap_p99_minus_direct_ms", "its p99 − direct ms"),
            ("bytes_sent", "bytes sent"), ("bytes_lost", "bytes lost"),
-           ("streams_checked", "streams checked"),
+           ("streams_checked", "streams checked"), ("streams_failed", "streams failed"),
            ("rounds_events_per_s", "each round, events/s"),
            ("background_cores", "other load (cores)")]
 BEFORE = [("path", "path"), ("streams", "streams"), ("events", "events/s before → after"),
           ("cpu", "worker CPU µs / event before → after"),
-          ("itl", "ITL p99 ms before → after"), ("lost", "bytes lost before → after")]
+          ("itl", "ITL p99 ms before → after"),
+          ("gap", "gap between pieces p99 ms before → after"),
+          ("lost", "bytes lost before → after"), ("failed", "streams failed before → after")]
 
 
 def _rows(section: dict[str, Any] | None, path: str) -> list[dict[str, Any]]:
@@ -55,12 +57,14 @@ def targets(section: dict[str, Any] | None) -> list[dict[str, Any]]:
             rows and min(r["events_per_s"] for r in rows) >= WANTED[path])
     rows = section["rows"] if section else []
     lost = sum(r["bytes_lost"] for r in rows)
+    failed = sum(r.get("streams_failed", 0) for r in rows)
     add("relay ceiling: every byte delivered",
-        "0 bytes lost, every stream byte-identical to what the stand-in sent",
+        "0 bytes lost, every stream byte-identical to what the stand-in sent, none failed",
         rows and f"{lost:,} of {sum(r['bytes_sent'] for r in rows):,} bytes lost, "
                  f"{sum(r['streams_mismatched'] for r in rows)} of "
-                 f"{sum(r['streams_checked'] for r in rows):,} streams differing",
-        bool(rows) and lost == 0 and all(r["streams_mismatched"] == 0 for r in rows)
+                 f"{sum(r['streams_checked'] for r in rows):,} streams differing, "
+                 f"{failed} failed",
+        lost == 0 and failed == 0 and all(r["streams_mismatched"] == 0 for r in rows)
         if rows else None)
     growth = {path: _growth(_rows(section, path)) for path in (QUEUE, LOCAL, BALANCED)}
     known = {path: g for path, g in growth.items() if g is not None}
@@ -125,7 +129,8 @@ def _before(section: dict[str, Any]) -> list[dict[str, Any]]:
 
         rows.append({"path": new["path"], "streams": new["streams"],
                      "events": pair("events_per_s"), "cpu": pair("worker_cpu_us_per_event", 1),
-                     "itl": pair("itl_p99_ms", 2), "lost": pair("bytes_lost")})
+                     "itl": pair("itl_p99_ms", 2), "gap": pair("delivery_gap_p99_ms", 1),
+                     "lost": pair("bytes_lost"), "failed": pair("streams_failed")})
     return rows
 
 

@@ -19,8 +19,10 @@ Each measurement starts its streams, lets them run `warmup` seconds, then counts
 `seconds`: events reaching the client, the worker's utime+stime (/proc/PID/stat) and the
 gaps between each stream's events; then it stops starting streams, lets the open ones
 end, and compares every stream, by the stand-in's digest of what it wrote, with what
-the client received (RuntimeError on any difference). Reported per mode and stream
-count: medians over `rounds` rounds (the paths' order rotating).
+the client received. A stream that failed, or differs by a byte, is counted (and
+printed) rather than raised: the "every byte" target then fails, with the rest of the
+figures kept; the quick-mode test fails on it. Reported per mode and stream count:
+medians over `rounds` rounds (the paths' order rotating).
 """
 
 from __future__ import annotations
@@ -166,12 +168,10 @@ class Rig:
         others = background.cores()
         tally = load.tally
         sent, lost, mismatched = compare(await self.digests(), tally)
-        if tally.errors:
-            raise RuntimeError(f"{path}, {streams} streams: {len(tally.errors)} stream(s) "
-                               f"failed: {tally.errors[:3]}")
-        if lost or mismatched:
-            raise RuntimeError(f"{path}, {streams} streams: {lost} bytes lost, {mismatched} "
-                               f"stream(s) not byte-identical to what the stand-in sent")
+        if tally.errors or lost or mismatched:
+            print(f"  LOST: {path}, {streams} streams: {len(tally.errors)} stream(s) failed "
+                  f"{tally.errors[:3]}, {lost} bytes lost, {mismatched} stream(s) not "
+                  "byte-identical to what the stand-in sent", file=sys.stderr, flush=True)
         return Measured(tally.events, end - start, worker, waited, stand_in, client, tally, sent,
                         lost, mismatched, others)
 
@@ -233,6 +233,8 @@ def row(path: str, streams: int, runs: list[Measured], direct: list[Measured]
         "bytes_sent": sum(r.bytes_sent for r in runs),
         "bytes_lost": sum(r.bytes_lost for r in runs),
         "streams_mismatched": sum(r.mismatched for r in runs),
+        "streams_failed": sum(len(r.tally.errors) for r in runs),
+        "failures": [e[:300] for r in runs for e in r.tally.errors][:5],
         "streams_checked": sum(len(r.tally.received) for r in runs),
         "rounds_events_per_s": [round(rate) for rate in rates],
         "background_cores": round(statistics.mean(r.background for r in runs), 2),

@@ -56,7 +56,8 @@ def test_quick_mode_writes_every_scenario_as_json_and_markdown(
     assert {row["path"][:3] for row in ceiling} == {"dir", "(a)", "(b)", "(c)"}
     for row in ceiling:  # the scenario itself fails on a lost byte; this says it loudly
         assert row["bytes_sent"] > 0 and row["streams_checked"] > 0, row
-        assert (row["bytes_lost"], row["streams_mismatched"]) == (0, 0), row
+        assert (row["bytes_lost"], row["streams_mismatched"], row["streams_failed"]) == (
+            0, 0, 0), row
     assert len(results["targets"]) == TARGETS
     assert all({"target", "wanted", "measured", "met"} <= set(t) for t in results["targets"])
     assert all(isinstance(t["met"], bool) for t in results["targets"])
