@@ -14,13 +14,17 @@ benchmarks/results). Scenarios, each described in its module:
 8. bench_serve.py    `vllm bench serve`: direct / local endpoint / load-balancing server
 9. cold_start.py     a worker's launch to /ping 200 and its first answer: cold / warm / eager
 10. lora_serving.py  an adapter loaded on demand; adapters in rotation against the base
+11. relay_ceiling.py the most tokens/s one worker process relays, in each mode, pinned
 
-1-4 and 6 run against fakes.vllm, a stand-in that speaks vLLM's wire format. Scenario 5
+1-4, 6 and 11 run against fakes.vllm, a stand-in that speaks vLLM's wire format. Scenario 5
 starts the local endpoint with vLLM (a minute or more to load) unless `--real-endpoint`
 and `--real-vllm` name a running pair (its API key in LOCAL_API_KEY). Scenarios 7 and 8
 share one vLLM they start on core 0 (the worker's processes and this one on core 1), or
 take the one `--real-vllm` names, as it runs. Scenarios 9 and 10 launch workers of
-their own, each starting its vLLM.
+their own, each starting its vLLM. Scenario 11 starts its stand-in on core 0 and one
+worker of each mode on core 1. `--ceiling-before FILE` (a results.json in which scenario
+11 ran on an earlier commit) keeps that run's rows beside this one's as a before -> after
+note, which later runs of 11 carry over.
 
 A run of some scenarios only (`--only`) keeps the other scenarios' results from the
 results.json already in `--out` (when it is of the same mode), each with its own date.
@@ -56,6 +60,7 @@ from benchmarks import (
     memory,
     overhead,
     real_vllm,
+    relay_ceiling,
     startup_time,
     stream_posts,
     stream_relay,
@@ -74,7 +79,8 @@ from benchmarks.processes import (
 )
 from benchmarks.report import markdown, targets
 
-ALL = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+ALL = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+CEILING = "11_relay_ceiling"
 QUIET_CORES = 0.25  # other processes' load under which a full run's scenario starts
 QUIET_WAIT = 180.0  # seconds a full run waits for that, then starts anyway
 
@@ -112,6 +118,11 @@ class Counts:
     lora_prompts: int
     lora_cycles: int
     lora_stand_in: bool
+    ceiling_streams: tuple[int, ...]
+    ceiling_seconds: float
+    ceiling_warmup: float
+    ceiling_rounds: int
+    ceiling_tokens: tuple[int, int]
 
 
 FULL = Counts(
@@ -125,7 +136,9 @@ FULL = Counts(
     first_rounds=60, first_idle=0.5,
     serve_prompts=48, serve_cycles=20, serve_warmup=16, serve_concurrency=8,
     cold_launches=3, cold_requests=48, cold_regimes=cold_start.REGIMES, cold_stand_in=False,
-    lora_prompts=64, lora_cycles=4, lora_stand_in=False)
+    lora_prompts=64, lora_cycles=4, lora_stand_in=False,
+    ceiling_streams=(256, 1024), ceiling_seconds=12.0, ceiling_warmup=3.0, ceiling_rounds=3,
+    ceiling_tokens=(250, 750))
 QUICK = Counts(
     overhead_concurrency=(1, 8), overhead_requests=60, overhead_rounds=2,
     relay_streams=(8,), relay_tokens=100, relay_rounds=1,
@@ -136,7 +149,9 @@ QUICK = Counts(
     first_rounds=3, first_idle=0.1,
     serve_prompts=16, serve_cycles=1, serve_warmup=8, serve_concurrency=8,
     cold_launches=1, cold_requests=4, cold_regimes=("ENFORCE_EAGER=true",), cold_stand_in=True,
-    lora_prompts=8, lora_cycles=1, lora_stand_in=True)
+    lora_prompts=8, lora_cycles=1, lora_stand_in=True,
+    ceiling_streams=(8, 32), ceiling_seconds=1.0, ceiling_warmup=0.3, ceiling_rounds=1,
+    ceiling_tokens=(20, 100))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -150,6 +165,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--real-endpoint", help="a running local endpoint's /v2/<id> URL")
     parser.add_argument("--real-vllm", help="the vLLM server behind --real-endpoint; alone, "
                         "the vLLM scenarios 7 and 8 use")
+    parser.add_argument("--ceiling-before", type=Path,
+                        help="a results.json where scenario 11 ran on an earlier commit: kept "
+                        "as a before -> after note")
     args = parser.parse_args(argv)
     args.only = {int(part) for part in args.only.split(",") if part.strip()}
     if not args.only <= set(ALL):
@@ -158,6 +176,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--real-endpoint needs --real-vllm, the vLLM behind it")
     if args.real_vllm and not args.real_endpoint and 5 in args.only:
         parser.error("scenario 5 needs --real-endpoint beside --real-vllm")
+    if args.ceiling_before and "rows" not in _ceiling(args.ceiling_before):
+        parser.error(f"{args.ceiling_before} holds no results of scenario 11")
     return args
 
 
@@ -245,6 +265,9 @@ class Runner:
         else:
             for step in own_workers:
                 await step
+        await self.step(11, CEILING, lambda: relay_ceiling.scenario(
+            work, list(c.ceiling_streams), c.ceiling_seconds, c.ceiling_warmup,
+            c.ceiling_rounds, c.ceiling_tokens))
 
     async def pinned_pair(self) -> None:
         """Scenarios 7 and 8 on one vLLM: started here on core 0, this process and the
@@ -302,6 +325,26 @@ def earlier(previous: Path, mode: str, ran: set[str]) -> dict[str, Any]:
             if key not in ran and "failed" not in value}
 
 
+def _ceiling(results: Path) -> dict[str, Any]:
+    """Scenario 11's section of a results.json (empty if there is none)."""
+    try:
+        section = json.loads(results.read_text(encoding="utf-8"))["scenarios"][CEILING]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return section if isinstance(section, dict) else {}
+
+
+def before_note(given: Path | None, previous: Path, section: dict[str, Any]) -> None:
+    """Scenario 11's before -> after note: the rows of `given` (a results.json where 11 ran
+    on an earlier commit), else the note the previous results carried, if any."""
+    if given is not None:
+        old = _ceiling(given)
+        section["before"] = {"commit": old.get("commit"), "measured": old.get("measured"),
+                             "rows": old["rows"]}
+    elif note := _ceiling(previous).get("before"):
+        section["before"] = note
+
+
 def write(out: Path, results: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("results.json", json.dumps(results, indent=2, ensure_ascii=False)),
@@ -325,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     results["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     for section in runner.scenarios.values():
         section["measured"] = results["machine"]["date"]
+    if "rows" in runner.scenarios.get(CEILING, {}):
+        before_note(args.ceiling_before, args.out / "results.json", runner.scenarios[CEILING])
     kept = earlier(args.out / "results.json", results["mode"], set(runner.scenarios))
     if kept:
         results["kept_from_earlier_runs"] = sorted(kept)

@@ -96,12 +96,15 @@ class Process:
         self.stop()
 
 
-def upstream(work: Path, name: str = "upstream") -> tuple[Process, str]:
-    """The stand-in vLLM on a free port, answering; and its base URL. It runs from the project
-    root (Process's cwd), where `fakes` is; no access log, as it would only cost it CPU."""
+def upstream(work: Path, name: str = "upstream", core: int | None = None
+             ) -> tuple[Process, str]:
+    """The stand-in vLLM on a free port (pinned to `core` if given), answering; and its base
+    URL. It runs from the project root (Process's cwd), where `fakes` is; no access log, as
+    it would only cost it CPU."""
     port = free_port()
-    process = Process([sys.executable, "-m", "fakes.vllm", "--port", str(port),
-                       "--served-model-name", SERVED, "--disable-uvicorn-access-log"],
+    process = Process(on_core([sys.executable, "-m", "fakes.vllm", "--port", str(port),
+                               "--served-model-name", SERVED, "--disable-uvicorn-access-log"],
+                              core),
                       work / f"{name}.log", base_env())
     process.start()
     url = f"http://127.0.0.1:{port}"

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from benchmarks import ceiling_report
+
 Columns = Sequence[tuple[str, str]]
 
 
@@ -124,6 +126,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{'below' if below else 'at most'} the ten-line proxy's (e), beside it",
             row and cpu and f"{used:.1f} µs, (e) {cpu:.1f} µs",
             row and cpu and (used < cpu if below else used <= cpu))
+    found += ceiling_report.targets(scenarios.get("11_relay_ceiling"))
     return found
 
 
@@ -330,6 +333,8 @@ def markdown(results: dict[str, Any]) -> str:
          _serve),
         ("9_cold_start", "9. Cold start: compile cache cold, warm, and ENFORCE_EAGER", _cold),
         ("10_lora", "10. LoRA adapters: loaded on demand, served in rotation", _lora),
+        ("11_relay_ceiling", "11. The relay's ceiling: one worker process, flat out, pinned",
+         lambda s: ceiling_report.render(s, table)),
     ]
     for key, title, render in sections:
         parts.append(f"## {title}")

@@ -13,7 +13,8 @@ calls, with the URL templates `env()` hands to the worker:
   query): the SDK posts JSON text as a form-encoded body; both are parsed and kept.
 
 Everything it receives is kept in `received` (URL, headers, body: to search for leaked
-secrets). Anything else (another path, method or worker id) is answered 404 and kept in
+secrets), unless `keep_received=False` (a benchmark's hundreds of megabytes of posts).
+Anything else (another path, method or worker id) is answered 404 and kept in
 `unexpected`, a handler that raises answers 500 and is kept in `errors`: `check()` fails on
 either, as pytest-httpserver's `check()` did, so fixtures call it at teardown.
 
@@ -21,7 +22,10 @@ Why threads (the standard library's ThreadingHTTPServer, in a background thread)
 long-poll or a held stream post simply blocks its own thread, and waiting for what the
 platform received is a plain `threading.Condition` wait that tests call as they are and
 benchmarks through `asyncio.to_thread`; the SDK sends a few requests per job, far from
-what would make threads the bottleneck.
+what would make threads the bottleneck. A benchmark that keeps jobs coming for as long as
+it runs passes `on_done`, called with each job's id once its result is kept (in the
+connection's thread, outside the lock: it may queue the next job), and takes each
+finished job's posts back with `finished`, so that nothing piles up.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
@@ -53,6 +58,16 @@ _job_ids = itertools.count(1)  # unique across platforms, so a session never reu
 Reply = tuple[int, Any]  # status, and a JSON payload (None: no body)
 
 
+@dataclass
+class Finished:
+    """What the platform received for one job: each stream post's payload and the
+    time.monotonic() it arrived at, and the job-done payload."""
+
+    streams: list[Any]
+    stream_times: list[float]
+    result: dict[str, Any]
+
+
 class WaitTimeout(AssertionError):
     """What the platform was waited for did not happen in time."""
 
@@ -60,8 +75,10 @@ class WaitTimeout(AssertionError):
 class Platform:
     """Runpod's job API for one worker: hands out queued jobs, keeps what the SDK sends."""
 
-    def __init__(self, poll: float = 0.5, ping_interval: float = 1.0) -> None:
+    def __init__(self, poll: float = 0.5, ping_interval: float = 1.0, keep_received: bool = True,
+                 on_done: Callable[[str], None] | None = None) -> None:
         self.poll, self.ping_interval = poll, ping_interval
+        self.keep_received, self.on_done = keep_received, on_done
         self._jobs: deque[dict[str, Any]] = deque()
         self._changed = threading.Condition()
         self._stream_gate = threading.Event()
@@ -74,6 +91,7 @@ class Platform:
         self.pings: list[dict[str, str]] = []
         self.streams: dict[str, list[Any]] = {}  # per job, every stream post's payload
         self.stream_queries: dict[str, list[dict[str, str]]] = {}
+        self.stream_times: dict[str, list[float]] = {}  # per job, when each post arrived
         self.results: dict[str, dict[str, Any]] = {}  # per job, the job-done payload
         self.result_queries: dict[str, dict[str, str]] = {}
         self.received: list[str] = []  # every URL, header and body, to search for leaks
@@ -155,6 +173,14 @@ class Platform:
         self.wait(lambda: all(job_id in self.results for job_id in job_ids), timeout,
                   f"{len(job_ids)} jobs to finish")
 
+    def finished(self, job_id: str) -> Finished:
+        """Hand back, and forget, everything kept for a job whose result has come."""
+        with self._changed:
+            self.stream_queries.pop(job_id, None)
+            self.result_queries.pop(job_id, None)
+            return Finished(self.streams.pop(job_id, []), self.stream_times.pop(job_id, []),
+                            self.results.pop(job_id))
+
     def hold_stream_posts(self) -> None:
         """Answer stream posts only after `release_stream_posts` (a slow platform)."""
         self._stream_gate.clear()
@@ -166,12 +192,14 @@ class Platform:
     def serve(self, request: _Handler) -> None:
         """Answer one request (in its connection's thread) and keep what it brought."""
         body = request.rfile.read(int(request.headers.get("Content-Length") or 0))
+        arrived = time.monotonic()
         text = body.decode("utf-8", errors="replace")
         url = urlsplit(request.path)
         query = {name: values[0] for name, values in parse_qs(url.query).items()}
-        with self._changed:
-            self.received.append(f"http://127.0.0.1:{self.port}{request.path}\n"
-                                 f"{request.headers}\n{text}")
+        if self.keep_received:
+            with self._changed:
+                self.received.append(f"http://127.0.0.1:{self.port}{request.path}\n"
+                                     f"{request.headers}\n{text}")
         route = ROUTE.match(url.path)
         kind = route["kind"] if route else ""
         try:
@@ -181,7 +209,7 @@ class Platform:
                     self.unexpected.append(f"{request.command} {request.path}")
                 status, payload = 404, {"error": "not a route of the job API"}
             else:
-                status, payload = self._answer(kind, route["job"], query, text)
+                status, payload = self._answer(kind, route["job"], query, text, arrived)
         except Exception:
             with self._changed:
                 self.errors.append(traceback.format_exc())
@@ -193,8 +221,11 @@ class Platform:
         request.send_header("Content-Length", str(len(data)))
         request.end_headers()
         request.wfile.write(data)
+        if kind == "job-done" and status == 200 and self.on_done is not None:
+            self.on_done(route["job"] if route else "")
 
-    def _answer(self, kind: str, job_id: str, query: dict[str, str], text: str) -> Reply:
+    def _answer(self, kind: str, job_id: str, query: dict[str, str], text: str,
+                arrived: float) -> Reply:
         if kind in ("job-take", "job-take-batch"):
             return self._take(int(query.get("batch_size", "1")) if kind != "job-take" else 0)
         if kind == "job-stop":
@@ -217,6 +248,7 @@ class Platform:
             else:
                 self.streams.setdefault(job_id, []).append(posted)
                 self.stream_queries.setdefault(job_id, []).append(query)
+                self.stream_times.setdefault(job_id, []).append(arrived)
             self._changed.notify_all()
         return 200, {}
 

@@ -48,10 +48,17 @@ Request fields read only here (vLLM would ignore them):
   every `bench_token_interval`) until the client goes away;
 - `load_body_bytes` (not streamed): `json_body(load_body_bytes, sha)` instead, a JSON object
   of about that many bytes with the SHA-256 of the first message's content as received.
+- `bench_digest` (streamed): keep the byte count and SHA-256 of the stream's body as
+  written (HTTP chunk framing aside), served once by `GET /digests` after the stream ends,
+  so a reader far downstream can prove it got every byte without the stand-in keeping them.
 
 Unpaced streams are written by one engine loop (one step of every stream per turn, as vLLM
 emits one token per running request per engine step). A client that goes away aborts its
 request: `INFO fake vllm: client went away; aborting the request`.
+
+`GET /digests`: the digests of the `bench_digest` streams ended since the last call, as
+JSON: `{"<chat id or load-<stream>>": [bytes, "<sha256 hex>", completed], ...}`; each is
+handed out once, so a long benchmark's stand-in keeps only those not yet asked for.
 
 `GET /stats`: what the server has seen, as JSON: `connections` (open now, besides the one
 asking), `streams` (open now), `peak_streams`, `requests` (to the chat route),

@@ -20,6 +20,7 @@ from fakes import bodies
 from fakes.http import REASONS, App, Connection, Request
 
 VLLM_ROUTES = ("/health", "/openapi.json", "/v1/models", "/v1/chat/completions")
+Digest = list[Any]  # [bytes, sha256 hex, completed]: what `GET /digests` shows per stream
 DEFAULT_TOKENS = 5
 DEFAULT_PIECE = 16381
 ENDLESS_INTERVAL = 0.01
@@ -128,8 +129,10 @@ class StandIn(App):
         self.access_log = access_log
         self.stats = Stats()
         self.ids = itertools.count(1)
+        self.digests: dict[str, Digest] = {}  # ended `bench_digest` streams, not yet asked for
         self.routes = {("GET", "/health"): self.health, ("GET", "/openapi.json"): self.openapi,
                        ("GET", "/v1/models"): self.models, ("GET", "/stats"): self.view,
+                       ("GET", "/digests"): self.hand_out_digests,
                        ("POST", "/stats/reset"): self.reset,
                        ("POST", "/v1/chat/completions"): self.chat}
         if runtime_lora:  # as vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
@@ -207,6 +210,10 @@ class StandIn(App):
     def view(self, conn: Connection, request: Request) -> None:
         self.answer(conn, request, 200, bodies.compact(self.stats.view()))
 
+    def hand_out_digests(self, conn: Connection, request: Request) -> None:
+        given, self.digests = self.digests, {}
+        self.answer(conn, request, 200, bodies.compact(given))
+
     def reset(self, conn: Connection, request: Request) -> None:
         self.stats.reset()
         self.answer(conn, request, 200, b"{}")
@@ -257,7 +264,10 @@ class StandIn(App):
         conn.abort = abort
 
     def stream(self, conn: Connection, request: Request, body: dict[str, Any]) -> None:
-        steps, count = self.steps(body)
+        name, steps, count = self.steps(body)
+        digest = Digester() if body.get("bench_digest") else None
+        if digest is not None:
+            steps = digest.hashing(steps)
         interval = float(body.get("bench_token_interval") or self.switches.token_delay)
         if count is None:
             interval = interval or ENDLESS_INTERVAL
@@ -277,25 +287,30 @@ class StandIn(App):
                 say("INFO fake vllm: client went away; aborting the request")
             self.count_serving(-1)
             self.record(request, 200, b"".join(sent))
+            if digest is not None:
+                self.digests[name] = [digest.size, digest.sha.hexdigest(), completed]
 
         self.started(conn, request, 200)
         conn.stream(steps, count, interval, ended)
 
-    def steps(self, body: dict[str, Any]) -> tuple[Iterator[list[bytes]], int | None]:
-        """A stream's steps and how many (None: endless), for vLLM's events or a load's."""
+    def steps(self, body: dict[str, Any]) -> tuple[str, Iterator[list[bytes]], int | None]:
+        """A stream's name (its chat id, or `load-<stream>`), its steps and how many (None:
+        endless), for vLLM's events or a load's."""
         if "load_events" not in body:
             tokens = max(1, int(body.get("max_tokens") or DEFAULT_TOKENS))
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return bodies.chat_steps(f"chatcmpl-{next(self.ids):016x}", body["model"], tokens,
-                                     usage, bool(body.get("bench_stamp"))), tokens
+            name = f"chatcmpl-{next(self.ids):016x}"
+            return name, bodies.chat_steps(name, body["model"], tokens, usage,
+                                           bool(body.get("bench_stamp"))), tokens
         stream, events = int(body.get("load_stream") or 0), int(body["load_events"] or 0)
         if events == 0:
-            return ([bodies.event(stream, index)] for index in itertools.count()), None
+            return (f"load-{stream}", ([bodies.event(stream, index)]
+                                       for index in itertools.count()), None)
         data = bodies.stream_body(stream, events, str(body.get("load_text") or "ascii"),
                                   int(body.get("load_event_chars") or 0))
         piece = int(body.get("load_piece") or DEFAULT_PIECE)
         starts = range(0, len(data), piece)
-        return ([data[start:start + piece]] for start in starts), len(starts)
+        return f"load-{stream}", ([data[start:start + piece]] for start in starts), len(starts)
 
 
 def kept(steps: Iterator[list[bytes]], sent: list[bytes]) -> Iterator[list[bytes]]:
@@ -303,3 +318,20 @@ def kept(steps: Iterator[list[bytes]], sent: list[bytes]) -> Iterator[list[bytes
     for pieces in steps:
         sent.extend(pieces)
         yield pieces
+
+
+
+class Digester:
+    """The byte count and SHA-256 of what a stream wrote (for `bench_digest`)."""
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def hashing(self, steps: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
+        """`steps`, each piece hashed and counted as it is written."""
+        for pieces in steps:
+            for piece in pieces:
+                self.sha.update(piece)
+                self.size += len(piece)
+            yield pieces

@@ -3,7 +3,8 @@
 Only that it runs and what it writes are checked, never a timing: figures from a
 quick run (small counts, a shared CI machine) mean nothing. Scenario 5 reuses the
 session's real endpoint (vLLM's CPU build on the tiny model), and scenarios 7 and 8
-the vLLM behind it; scenarios 9 and 10 start their workers on the stand-in vLLM.
+the vLLM behind it; scenarios 9 and 10 start their workers on the stand-in vLLM. One thing
+a quick run does prove is checked: scenario 11 delivered every byte of every stream.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from pathlib import Path
 from support.real_vllm import REPO, RealEndpoint
 
 SCENARIOS = ["1_overhead", "2_stream_relay", "3_stream_posts", "4_startup", "5_real_vllm",
-             "6_memory", "7_first_token", "8_bench_serve", "9_cold_start", "10_lora"]
+             "6_memory", "7_first_token", "8_bench_serve", "9_cold_start", "10_lora",
+             "11_relay_ceiling"]
 HEADINGS = ["## Targets", "## 1. Request overhead", "## 2. Stream relay",
             "## 3. Stream posts and latency", "## 4. Start-up", "## 5. Real vLLM on CPU",
             "## 6. Worker memory", "## 7. First content token", "## 8. vllm bench serve",
-            "## 9. Cold start", "## 10. LoRA adapters"]
-TARGETS = 16
+            "## 9. Cold start", "## 10. LoRA adapters", "## 11. The relay's ceiling"]
+TARGETS = 21
 
 
 def test_quick_mode_writes_every_scenario_as_json_and_markdown(
@@ -42,7 +44,7 @@ def test_quick_mode_writes_every_scenario_as_json_and_markdown(
     for name, section in results["scenarios"].items():
         assert "failed" not in section, (name, section)
     for key in ("1_overhead", "2_stream_relay", "3_stream_posts", "5_real_vllm",
-                "7_first_token", "8_bench_serve", "9_cold_start", "10_lora"):
+                "7_first_token", "8_bench_serve", "9_cold_start", "10_lora", "11_relay_ceiling"):
         assert results["scenarios"][key]["rows"], key
     [eager] = results["scenarios"]["9_cold_start"]["rows"]
     assert "Start-up of tiny-chat: located in" in eager["timeline"]
@@ -50,6 +52,12 @@ def test_quick_mode_writes_every_scenario_as_json_and_markdown(
     assert [row["request"] for row in lora["load_rows"]] == [
         "first to an on-demand adapter (loads it)", "the next to that adapter", "the base model"]
     assert [row["requests"] for row in lora["rows"]] == [8, 8], "every adapter request answered"
+    ceiling = results["scenarios"]["11_relay_ceiling"]["rows"]
+    assert {row["path"][:3] for row in ceiling} == {"dir", "(a)", "(b)", "(c)"}
+    for row in ceiling:  # the scenario itself fails on a lost byte; this says it loudly
+        assert row["bytes_sent"] > 0 and row["streams_checked"] > 0, row
+        assert (row["bytes_lost"], row["streams_mismatched"], row["streams_failed"]) == (
+            0, 0, 0), row
     assert len(results["targets"]) == TARGETS
     assert all({"target", "wanted", "measured", "met"} <= set(t) for t in results["targets"])
     assert all(isinstance(t["met"], bool) for t in results["targets"])
@@ -58,7 +66,7 @@ def test_quick_mode_writes_every_scenario_as_json_and_markdown(
     positions = [text.index(heading) for heading in HEADINGS]
     assert positions == sorted(positions)
     assert "Not run." not in text and "Failed" not in text
-    assert text.count("\n|---") >= 13  # the targets and every scenario's tables
+    assert text.count("\n|---") >= 14  # the targets and every scenario's tables
 
 
 def targets_table(text: str) -> list[str]:
