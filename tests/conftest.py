@@ -6,6 +6,7 @@ tests."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import subprocess
 import sys
 import threading
@@ -22,10 +23,12 @@ from support.real_vllm import (
     LOCAL_KEY,
     NO_COMPILE,
     REPO,
+    SHARED_CACHE,
     RealEndpoint,
     health_200,
-    make_target,
     ping_200,
+    spawned,
+    wait_ready,
 )
 from support.workers import Worker, kill_worker, start_worker
 from worker.requests.proxy import Proxy
@@ -55,33 +58,44 @@ def proxy(fake_vllm: HTTPServer) -> Proxy:
 
 
 @pytest.fixture(scope="session")
-def real_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEndpoint]:
-    """`make run`, as the README says (without the compile, which test_e2e_cache.py
-    covers), started once per session; stopped with SIGTERM at the end, leaving no vLLM
-    process."""
-    with make_target("run", tmp_path_factory.mktemp("real-endpoint"), "local", health_200,
-                     LOCAL_API_KEY=LOCAL_KEY, **NO_COMPILE) as served:
-        yield served
+def real_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, RealEndpoint]]:
+    """`make run` and `make run-lb`, as the README says, once per session, spawned together
+    so that their vLLMs load side by side; stopped with SIGTERM at the end, leaving no vLLM process.
+
+    The local endpoint runs without the compile (test_compile_cache.py covers it). The
+    load-balancing server's "volume" cannot hold the compile cache (a file stands where the
+    folder would be: root writes through permissions), so vLLM keeps its default one;
+    test_load_balancer.py ends it last, with SIGTERM during streams."""
+    blocked = tmp_path_factory.mktemp("real-lb")
+    (blocked / "vllm-cache").write_text("not a folder")
+    with contextlib.ExitStack() as stack:
+        local = stack.enter_context(spawned(
+            "run", tmp_path_factory.mktemp("real-endpoint"), "local", LOCAL_API_KEY=LOCAL_KEY,
+            **NO_COMPILE, **SHARED_CACHE))
+        lb = stack.enter_context(spawned("run-lb", blocked, "lb", API_KEY=LOCAL_KEY,
+                                         SHUTDOWN_GRACE_PERIOD="3", VLLM_CACHE_ROOT="",
+                                         **NO_COMPILE))
+        wait_ready((local, health_200), (lb, ping_200))
+        yield {"local": local, "lb": lb}
 
 
 @pytest.fixture(scope="session")
-def real_lb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEndpoint]:
-    """`make run-lb`, as the README says: the load-balancing server in front of its own real
-    vLLM, once per session; test_e2e_lb.py ends it last, with SIGTERM during streams. Its
-    "volume" cannot hold the compile cache (a file stands where the folder would be: root
-    writes through permissions), so vLLM keeps its default one."""
-    tmp = tmp_path_factory.mktemp("real-lb")
-    (tmp / "vllm-cache").write_text("not a folder")
-    with make_target("run-lb", tmp, "lb", ping_200, API_KEY=LOCAL_KEY,
-                     SHUTDOWN_GRACE_PERIOD="3", VLLM_CACHE_ROOT="", **NO_COMPILE) as served:
-        yield served
+def real_endpoint(real_servers: dict[str, RealEndpoint]) -> RealEndpoint:
+    """The local endpoint in front of a real vLLM."""
+    return real_servers["local"]
+
+
+@pytest.fixture(scope="session")
+def real_lb(real_servers: dict[str, RealEndpoint]) -> RealEndpoint:
+    """The load-balancing server in front of its own real vLLM."""
+    return real_servers["lb"]
 
 
 @pytest.fixture(scope="session", params=["local", "lb"])
 def served(request: pytest.FixtureRequest) -> RealEndpoint:
     """Each server clients talk to, in front of a real vLLM: the local endpoint's OpenAI
     path, and the load-balancing server."""
-    return request.getfixturevalue("real_endpoint" if request.param == "local" else "real_lb")
+    return request.getfixturevalue("real_servers")[request.param]
 
 
 @pytest.fixture(scope="session")

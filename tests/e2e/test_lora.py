@@ -18,7 +18,14 @@ import pytest
 
 from support import run_readme_example
 from support.readme_checks import LORA_EXAMPLES
-from support.real_vllm import LOCAL_KEY, REPO, RealEndpoint, health_200, make_target
+from support.real_vllm import (
+    LOCAL_KEY,
+    REPO,
+    SHARED_CACHE,
+    RealEndpoint,
+    health_200,
+    make_target,
+)
 from tiny_adapter import build
 
 HELLO = [{"role": "user", "content": "Tell me about the sea"}]
@@ -49,7 +56,7 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEndpoint]
                {"name": "twin-b", "path": str(tmp / "twin-b")}]  # its config names its base
     with make_target("run", tmp, "local", health_200, LOCAL_API_KEY=LOCAL_KEY,
                      MODEL_NAMES="tiny-chat;tiny-twin", LORA_MODULES=json.dumps(modules),
-                     LORA_DIR=str(tmp / "adapters"), MAX_LORAS="2") as served:
+                     LORA_DIR=str(tmp / "adapters"), MAX_LORAS="2", **SHARED_CACHE) as served:
         yield served
 
 

@@ -23,7 +23,14 @@ import pytest
 from fakes.vllm import free_port
 from support import run_readme_example
 from support.readme_checks import EMBEDDING_EXAMPLES
-from support.real_vllm import LOCAL_KEY, NO_COMPILE, REPO, RealEndpoint, vllm_processes
+from support.real_vllm import (
+    LOCAL_KEY,
+    NO_COMPILE,
+    REPO,
+    SHARED_CACHE,
+    RealEndpoint,
+    vllm_processes,
+)
 from worker.upstream.child import group_members
 
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
@@ -62,7 +69,7 @@ def models_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEn
            "GPU_MEMORY_UTILIZATION": "0.3", "VLLM_CPU_KVCACHE_SPACE": "1",
            "VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "VLLM_STARTUP_TIMEOUT": "400",
            "VLLM_EXTRA_ARGS": "--no-enable-chunked-prefill",
-           **NO_COMPILE}
+           **NO_COMPILE, **SHARED_CACHE}
     env.pop("MODEL_PATH", None)
     log = tmp / "endpoint.log"
     with log.open("wb") as sink:

@@ -45,6 +45,13 @@ def test_a_known_failure_is_one_sentence_in_the_log_the_jobs_and_the_diagnostic(
     make, words = CASES[case]
     vllm_port, port = free_port(), free_port()
     env = real_vllm_env(vllm_port, FAILED_START_SECONDS="5", **make(tmp_path))
+    # The diagnostic launches a vLLM of its own (on a port of its own) while the worker's loads.
+    with (tmp_path / "diagnostic.log").open("wb") as log:
+        diagnostic = subprocess.Popen(
+            [sys.executable, "test_vllm_command.py", "--launch", "--json", "--timeout", "300"],
+            cwd=REPO, env={**env, "VLLM_PORT": str(free_port()), "HF_HOME": str(tmp_path / "hf"),
+                           "PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)},
+            stdout=subprocess.PIPE, stderr=log, text=True)
     worker = start_worker(tmp_path / "endpoint", None, "local_endpoint.py", "--port",
                           str(port), **env)
     try:
@@ -53,8 +60,11 @@ def test_a_known_failure_is_one_sentence_in_the_log_the_jobs_and_the_diagnostic(
         done = httpx.post(f"http://127.0.0.1:{port}/v2/local/runsync", timeout=30,
                           json={"input": {"messages": HELLO}}).json()
         assert worker.exit_code(timeout=60) == 1
+        printed, _ = diagnostic.communicate(timeout=400)
     finally:
         kill_worker(worker)
+        diagnostic.kill()
+        diagnostic.wait()
     last = worker.log().strip().splitlines()[-1]
     sentence = last.split("Exiting: ", 1)[1]
     assert all(word.replace(",", "") in sentence.replace(",", "") for word in words), sentence
@@ -63,12 +73,7 @@ def test_a_known_failure_is_one_sentence_in_the_log_the_jobs_and_the_diagnostic(
         f"The worker could not start: {sentence}"
     assert vllm_processes(vllm_port) == []
 
-    diagnostic = subprocess.run(
-        [sys.executable, "test_vllm_command.py", "--launch", "--json", "--timeout", "300"],
-        cwd=REPO, env={**env, "PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path),
-                       "HF_HOME": str(tmp_path / "hf")}, capture_output=True,
-        text=True, timeout=400)
-    report = json.loads(diagnostic.stdout)
+    report = json.loads(printed)
     assert report["verdict"]["sentence"] == sentence
     assert report["verdict"]["permanent"] is True
     assert report["error"].endswith(sentence)

@@ -24,6 +24,10 @@ REPO = Path(__file__).resolve().parents[2]
 # two cores saved per start; vLLM's compile cache is keyed by the model's path, which
 # differs between the tests' "volumes", so no start would find another's).
 NO_COMPILE = {"ENFORCE_EAGER": "true"}
+# Starts that do not test where the cache goes share one cache folder (vLLM's default of
+# this user): there vLLM finds what it learnt of the model's class at the first start (its
+# "modelinfos"); in a new folder it inspects the class again, 12 s of a core per start.
+SHARED_CACHE = {"VLLM_CACHE_ROOT": str(Path.home() / ".cache" / "vllm")}
 
 
 LOCAL_KEY = "local-test-key-0123"
@@ -93,10 +97,9 @@ def real_env(tmp: Path, **extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def make_target(target: str, tmp: Path, kind: str, ready: Callable[[RealEndpoint], bool],
-                **env: str) -> Iterator[RealEndpoint]:
-    """`make <target>` in its own process group until `ready`; on exit SIGTERM, and every
-    process of it, vLLM's included (a second model's on the next port), must be gone."""
+def spawned(target: str, tmp: Path, kind: str, **env: str) -> Iterator[RealEndpoint]:
+    """`make <target>` in its own process group; on exit SIGTERM, and every process of it,
+    vLLM's included (a second model's on the next port), must be gone."""
     port, vllm_port = free_port(), free_port(2)
     log = tmp / f"{target}.log"
     with log.open("wb") as sink:
@@ -108,14 +111,6 @@ def make_target(target: str, tmp: Path, kind: str, ready: Callable[[RealEndpoint
     served = RealEndpoint(url, LOCAL_KEY, f"http://127.0.0.1:{vllm_port}", "tiny-chat", log,
                           process, kind)
     try:
-        deadline = time.monotonic() + 900
-        while not ready(served):
-            if process.poll() is not None:
-                pytest.fail(f"`make {target}` exited ({process.returncode}):\n"
-                            f"{served.log_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"`make {target}` did not start:\n{served.log_text()[-4000:]}")
-            time.sleep(0.5)
         yield served
     finally:
         with contextlib.suppress(ProcessLookupError):  # it may have exited already
@@ -129,6 +124,30 @@ def make_target(target: str, tmp: Path, kind: str, ready: Callable[[RealEndpoint
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
         assert not leftovers, f"processes left after SIGTERM: {leftovers}"
+
+
+def wait_ready(*waits: tuple[RealEndpoint, Callable[[RealEndpoint], bool]]) -> None:
+    """Poll each server until its `ready` says so (they load side by side meanwhile)."""
+    deadline = time.monotonic() + 900
+    pending = list(waits)
+    while pending := [(served, ready) for served, ready in pending if not ready(served)]:
+        for served, _ in pending:
+            if served.process.poll() is not None:
+                pytest.fail(f"`make` ({served.log.name}) exited ({served.process.returncode})"
+                            f":\n{served.log_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"`make` ({served.log.name}) did not start:\n"
+                            f"{served.log_text()[-4000:]}")
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def make_target(target: str, tmp: Path, kind: str, ready: Callable[[RealEndpoint], bool],
+                **env: str) -> Iterator[RealEndpoint]:
+    """`make <target>` (see `spawned`), once `ready`."""
+    with spawned(target, tmp, kind, **env) as served:
+        wait_ready((served, ready))
+        yield served
 
 
 def health_200(served: RealEndpoint) -> bool:
@@ -156,4 +175,4 @@ def real_vllm_env(port: int, **overrides: str) -> dict[str, str]:
             "HF_HUB_OFFLINE": "1", "GPU_MEMORY_UTILIZATION": "0.3",
             "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1",
             "VLLM_EXTRA_ARGS": "--no-enable-chunked-prefill", "VLLM_STARTUP_TIMEOUT": "600",
-            **NO_COMPILE, **overrides}
+            **NO_COMPILE, **SHARED_CACHE, **overrides}
