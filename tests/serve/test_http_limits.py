@@ -118,6 +118,15 @@ def test_an_idle_keep_alive_connection_is_closed_and_ordinary_requests_pass(
     assert reply.startswith(b"HTTP/1.1 200 ") and b"\r\nhello\r\n" in reply
 
 
+AIOHTTP_POOL_IDLE = 15.0  # aiohttp's TCPConnector keeps an idle connection 15 s by default
+
+
+def test_an_idle_connection_outlives_the_clients_pools_so_the_client_drops_it_first() -> None:
+    longest = max(httpx.Limits().keepalive_expiry or 0, AIOHTTP_POOL_IDLE)
+    assert longest < http_limits.KEEP_ALIVE
+    assert http_limits.config(hello).timeout_keep_alive == http_limits.KEEP_ALIVE
+
+
 def test_beyond_the_connection_cap_a_new_one_is_refused_and_the_others_served(
         server: str) -> None:
     held = [connect(server) for _ in range(Small.max_connections)]

@@ -38,7 +38,11 @@ HEAD_TIMEOUT = 10.0
 BODY_TIMEOUT = 10.0
 BODY_DEADLINE = 120.0
 WRITE_TIMEOUT = 60.0
-KEEP_ALIVE = 5
+# Longer than the clients' pools keep an idle connection (httpx and so the OpenAI client
+# 5 s, aiohttp and so OpenWebUI 15 s): the client always drops it first. At the same
+# length both ends close at once, and a request sent on a connection the server is
+# closing fails (a POST is not retried).
+KEEP_ALIVE = 30
 MAX_CONNECTIONS = 1024
 LINGER = 1.0
 REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large",
